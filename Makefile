@@ -1,0 +1,33 @@
+# hest2sge developer commands. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision are pinned here (not in pyproject) so the wheels on this machine's disk are used.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hest2sge demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m ruff check hest2sge tests benchmarks
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check hest2sge tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

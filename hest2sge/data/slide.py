@@ -1,0 +1,305 @@
+"""The slide contract: one AnnData per tissue section.
+
+Every reader in :mod:`hest2sge.data` returns slides that satisfy :func:`validate_slide`:
+
+* ``X``: raw counts, spots x genes (dense or sparse, non-negative).
+* ``var_names``: gene symbols (or whatever identifiers the source uses), unique.
+* ``obs``: ``slide_id``, ``patient_id``, ``array_row``, ``array_col``; ``obs_names`` are barcodes.
+* ``obsm["spatial"]``: spot centres ``(x, y)`` in full-resolution image pixels.
+* ``uns["spatial"][slide_id]``: a dict with
+
+  - ``image_path``: path of the image (loaded lazily), or ``""`` when the image is held in
+    ``images["fullres"]`` (synthetic slides);
+  - ``image_scale``: image pixels per full-resolution pixel (1.0 for a full-resolution image,
+    ``tissue_hires_scalef`` when only the Space Ranger hires PNG is available);
+  - ``pixel_size_um``: micrometres per full-resolution pixel;
+  - ``scalefactors``: the Space Ranger style scale factors (``spot_diameter_fullres`` at least);
+  - ``images``: optional in-memory arrays (``fullres`` uint8 H x W x 3).
+
+The image is opened only when patches are cut (:class:`SlideImage`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REQUIRED_OBS = ("slide_id", "patient_id", "array_row", "array_col")
+
+
+class SlideError(ValueError):
+    """Raised when a slide does not satisfy the hest2sge data contract."""
+
+
+def make_slide(
+    counts: Any,
+    genes: Sequence[str],
+    barcodes: Sequence[str],
+    spatial: np.ndarray,
+    array_row: Sequence[int],
+    array_col: Sequence[int],
+    slide_id: str,
+    patient_id: str,
+    image_path: str | os.PathLike | None = None,
+    image: np.ndarray | None = None,
+    image_scale: float = 1.0,
+    pixel_size_um: float | None = None,
+    spot_diameter_fullres: float | None = None,
+    extra_obs: dict[str, Sequence] | None = None,
+    metadata: dict[str, Any] | None = None,
+):
+    """Build a slide AnnData that follows the hest2sge contract.
+
+    Args:
+        counts: Raw counts, spots x genes (numpy array or scipy sparse matrix).
+        genes: Gene identifiers, one per column.
+        barcodes: Spot identifiers, one per row.
+        spatial: Spot centres (x, y) in full-resolution pixels, shape (n_spots, 2).
+        array_row: Row index of each spot on the array grid.
+        array_col: Column index of each spot on the array grid.
+        slide_id: Identifier of the section.
+        patient_id: Identifier of the patient the section comes from.
+        image_path: Path of the H&E image, opened lazily.
+        image: In-memory uint8 RGB image (H x W x 3) used when there is no file.
+        image_scale: Image pixels per full-resolution pixel.
+        pixel_size_um: Micrometres per full-resolution pixel, if known.
+        spot_diameter_fullres: Spot diameter in full-resolution pixels, if known.
+        extra_obs: Additional per-spot columns.
+        metadata: Free-form metadata stored in ``uns["spatial"][slide_id]["metadata"]``.
+
+    Returns:
+        An ``anndata.AnnData`` satisfying :func:`validate_slide`.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    n = len(barcodes)
+    spatial = np.asarray(spatial, dtype=np.float64)
+    if spatial.shape != (n, 2):
+        raise SlideError(
+            f"slide {slide_id!r}: spatial coordinates have shape {spatial.shape}, "
+            f"expected ({n}, 2) for {n} barcodes"
+        )
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+    else:
+        counts = np.asarray(counts, dtype=np.float32)
+    if counts.shape != (n, len(genes)):
+        raise SlideError(
+            f"slide {slide_id!r}: counts have shape {counts.shape}, expected "
+            f"({n}, {len(genes)}) for {n} barcodes and {len(genes)} genes"
+        )
+    obs = pd.DataFrame(
+        {
+            "slide_id": pd.Categorical([str(slide_id)] * n),
+            "patient_id": pd.Categorical([str(patient_id)] * n),
+            "array_row": np.asarray(array_row, dtype=np.int64),
+            "array_col": np.asarray(array_col, dtype=np.int64),
+        },
+        index=pd.Index([str(b) for b in barcodes], name=None),
+    )
+    for key, values in (extra_obs or {}).items():
+        obs[key] = list(values)
+    var = pd.DataFrame(index=pd.Index([str(g) for g in genes], name=None))
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    adata.obsm["spatial"] = spatial
+    entry: dict[str, Any] = {
+        "image_path": "" if image_path is None else str(image_path),
+        "image_scale": float(image_scale),
+        "pixel_size_um": float("nan") if pixel_size_um is None else float(pixel_size_um),
+        "scalefactors": {
+            "spot_diameter_fullres": float("nan")
+            if spot_diameter_fullres is None
+            else float(spot_diameter_fullres)
+        },
+        "images": {},
+        "metadata": dict(metadata or {}),
+    }
+    if image is not None:
+        entry["images"]["fullres"] = _as_rgb_uint8(np.asarray(image), slide_id)
+    adata.uns["spatial"] = {str(slide_id): entry}
+    return adata
+
+
+def slide_id_of(adata) -> str:
+    """Return the slide identifier of a single-section AnnData."""
+    if "slide_id" not in adata.obs:
+        raise SlideError("AnnData has no obs['slide_id'] column; is it a hest2sge slide?")
+    ids = adata.obs["slide_id"].astype(str).unique()
+    if len(ids) != 1:
+        raise SlideError(f"expected one slide per AnnData, found slide_ids {sorted(ids)[:5]}")
+    return str(ids[0])
+
+
+def patient_id_of(adata) -> str:
+    """Return the patient identifier of a single-section AnnData."""
+    ids = adata.obs["patient_id"].astype(str).unique()
+    if len(ids) != 1:
+        raise SlideError(
+            f"slide {slide_id_of(adata)!r} has several patient_ids {sorted(ids)[:5]}"
+        )
+    return str(ids[0])
+
+
+def spatial_entry(adata) -> dict[str, Any]:
+    """Return ``uns["spatial"][slide_id]`` of a slide, with a clear error when absent."""
+    sid = slide_id_of(adata)
+    try:
+        return adata.uns["spatial"][sid]
+    except KeyError:
+        raise SlideError(
+            f"slide {sid!r} has no uns['spatial'][{sid!r}] entry with its image reference"
+        ) from None
+
+
+def validate_slide(adata, require_image: bool = True) -> None:
+    """Check that an AnnData satisfies the slide contract.
+
+    Args:
+        adata: The slide.
+        require_image: Also require an image reference (path or in-memory array).
+
+    Raises:
+        SlideError: naming the first thing that is wrong.
+    """
+    missing = [c for c in REQUIRED_OBS if c not in adata.obs]
+    if missing:
+        raise SlideError(f"slide is missing obs column(s) {missing}; required: {list(REQUIRED_OBS)}")
+    sid = slide_id_of(adata)
+    if "spatial" not in adata.obsm:
+        raise SlideError(f"slide {sid!r} has no obsm['spatial'] spot coordinates")
+    xy = np.asarray(adata.obsm["spatial"])
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise SlideError(f"slide {sid!r}: obsm['spatial'] must be (n_spots, 2), got {xy.shape}")
+    if not np.isfinite(xy).all():
+        bad = np.where(~np.isfinite(xy).all(1))[0][0]
+        raise SlideError(
+            f"slide {sid!r}: spot {adata.obs_names[bad]!r} has non-finite coordinates {xy[bad]}"
+        )
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
+        raise SlideError(f"slide {sid!r}: duplicated gene names {dup}")
+    if adata.n_obs and _min_value(adata.X) < 0:
+        raise SlideError(f"slide {sid!r}: X must hold raw (non-negative) counts")
+    if require_image:
+        entry = spatial_entry(adata)
+        if not entry.get("image_path") and "fullres" not in entry.get("images", {}):
+            raise SlideError(f"slide {sid!r} has neither an image_path nor an in-memory image")
+
+
+def _min_value(x) -> float:
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        return float(min(x.data.min(), 0.0)) if x.nnz else 0.0
+    return float(np.min(x))
+
+
+def _as_rgb_uint8(img: np.ndarray, name: str) -> np.ndarray:
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise SlideError(f"image of {name!r} must be H x W x 3 (or 4), got shape {img.shape}")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        if np.issubdtype(img.dtype, np.floating) and img.max() <= 1.0:
+            img = img * 255.0
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def load_image_array(path: str | os.PathLike) -> np.ndarray:
+    """Read an RGB image file fully into memory as uint8 (H, W, 3).
+
+    Whole-slide sizes beyond PIL's decompression-bomb limit are allowed; TIFF files are read
+    with tifffile (memory-mapped where possible).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.suffix.lower() in (".tif", ".tiff", ".btf"):
+        import tifffile
+
+        arr = tifffile.imread(str(path))
+        return _as_rgb_uint8(arr, str(path))
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return arr
+
+
+class SlideImage:
+    """Lazy access to a slide's image in full-resolution pixel coordinates.
+
+    Args:
+        adata: A slide following the contract.
+    """
+
+    def __init__(self, adata) -> None:
+        self.slide_id = slide_id_of(adata)
+        entry = spatial_entry(adata)
+        self.path = entry.get("image_path") or ""
+        self.scale = float(entry.get("image_scale", 1.0))
+        self._array: np.ndarray | None = entry.get("images", {}).get("fullres")
+        if self._array is None and not self.path:
+            raise SlideError(f"slide {self.slide_id!r} has no image to cut patches from")
+
+    @property
+    def array(self) -> np.ndarray:
+        """The image as uint8 (H, W, 3), loaded on first access."""
+        if self._array is None:
+            self._array = load_image_array(self.path)
+        return self._array
+
+    @property
+    def fullres_shape(self) -> tuple[float, float]:
+        """Height and width of the image in full-resolution pixels."""
+        h, w = self.array.shape[:2]
+        return h / self.scale, w / self.scale
+
+    def read_region(self, x: float, y: float, size: float, out_size: int) -> np.ndarray:
+        """Cut a square centred on (x, y), ``size`` full-resolution pixels wide.
+
+        Parts outside the image are white. The crop is resampled to ``out_size`` pixels.
+
+        Returns:
+            uint8 array (out_size, out_size, 3).
+        """
+        img = self.array
+        s = self.scale
+        side = size * s
+        x0 = x * s - side / 2.0
+        y0 = y * s - side / 2.0
+        ix0, iy0 = int(np.floor(x0 + 0.5)), int(np.floor(y0 + 0.5))
+        n = max(int(round(side)), 1)
+        crop = np.full((n, n, 3), 255, dtype=np.uint8)
+        h, w = img.shape[:2]
+        sx0, sy0 = max(ix0, 0), max(iy0, 0)
+        sx1, sy1 = min(ix0 + n, w), min(iy0 + n, h)
+        if sx1 > sx0 and sy1 > sy0:
+            crop[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = img[sy0:sy1, sx0:sx1]
+        if n != out_size:
+            from PIL import Image
+
+            crop = np.asarray(
+                Image.fromarray(crop).resize((out_size, out_size), Image.Resampling.BILINEAR)
+            )
+        return crop
+
+    def release(self) -> None:
+        """Drop the in-memory copy of a file-backed image."""
+        if self.path:
+            self._array = None

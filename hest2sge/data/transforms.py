@@ -1,0 +1,137 @@
+"""Target transforms: how raw counts become the values a model is trained on.
+
+Each model declares its default (``SpotModel.target_transform``) as a dict; the data module
+builds a :class:`TargetTransform` from it and fits any statistics on the training slides only.
+
+Kinds:
+
+* ``"log_norm"``: ``log_base(pseudocount + scale * c / L)`` with library size ``L`` summed over
+  the gene panel (``library="panel"``, the scprep convention of HisToGene, Hist2ST, THItoGene
+  and TCGN: scale 1e4, base 10) or over all genes of the slide (``library="all"``).
+* ``"stnet"``: ``ln((1 + c) / (n_all + L_all))``, ST-Net's normalisation with ``n_all`` the
+  number of genes in the full table and ``L_all`` the spot's total over all genes.
+* ``"log_minmax"``: ``log_base(1 + c)`` then per-gene min-max with min and max from the
+  training slides (EGN v1/v2; DeepSpaCE after its variance-stabilising step).
+* ``"minmax"``: per-gene min-max of raw counts from the training slides (iStar).
+* ``"raw"``: untransformed counts (DeepPT in the benchmark, GeneCodeR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+KINDS = ("log_norm", "stnet", "log_minmax", "minmax", "raw")
+
+
+@dataclass
+class TargetTransform:
+    """A fitted-or-not target transform (see the module docstring for the kinds).
+
+    Attributes:
+        kind: One of ``KINDS``.
+        scale: Library-size scale for ``log_norm`` (``1e4`` = CP10k).
+        base: Logarithm base (``10``, ``2`` or ``"e"``).
+        pseudocount: Added before the log.
+        library: ``"panel"`` or ``"all"``: which genes define the library size.
+        min: Per-gene minimum from the training slides (min-max kinds, set by :meth:`fit`).
+        max: Per-gene maximum from the training slides.
+    """
+
+    kind: str = "log_norm"
+    scale: float = 1e4
+    base: float | str = 10
+    pseudocount: float = 1.0
+    library: str = "panel"
+    min: list[float] | None = field(default=None, repr=False)
+    max: list[float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown target transform {self.kind!r}; choose from {KINDS}")
+        if self.library not in ("panel", "all"):
+            raise ValueError(f"library must be 'panel' or 'all', got {self.library!r}")
+
+    @classmethod
+    def from_spec(cls, spec: str | dict[str, Any] | TargetTransform | None) -> TargetTransform:
+        """Build from a kind name, a dict of fields, or an existing transform."""
+        if spec is None:
+            return cls(kind="raw")
+        if isinstance(spec, TargetTransform):
+            return cls(**asdict(spec))
+        if isinstance(spec, str):
+            return cls(kind=spec)
+        return cls(**dict(spec))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (safe to store in checkpoints)."""
+        return asdict(self)
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether :meth:`fit` must see training data first."""
+        return self.kind in ("log_minmax", "minmax")
+
+    def _log(self, x: np.ndarray) -> np.ndarray:
+        if self.base in ("e", None) or self.base == float(np.e):
+            return np.log(x)
+        return np.log(x) / np.log(float(self.base))
+
+    def _pre(self, counts: np.ndarray, total_all: np.ndarray | None, n_all: int | None):
+        counts = np.asarray(counts, dtype=np.float64)
+        if self.kind == "raw" or self.kind == "minmax":
+            return counts
+        if self.kind == "log_minmax":
+            return self._log(counts + self.pseudocount)
+        if self.kind == "stnet":
+            if total_all is None or n_all is None:
+                raise ValueError("the 'stnet' transform needs per-spot totals over all genes")
+            return np.log((1.0 + counts) / (n_all + np.asarray(total_all)[:, None]))
+        # log_norm
+        if self.library == "all":
+            if total_all is None:
+                raise ValueError("library='all' needs per-spot totals over all genes")
+            lib = np.asarray(total_all, dtype=np.float64)
+        else:
+            lib = counts.sum(1)
+        lib = np.where(lib > 0, lib, 1.0)[:, None]
+        return self._log(self.pseudocount + self.scale * counts / lib)
+
+    def fit(
+        self,
+        counts_list: list[np.ndarray],
+        totals_list: list[np.ndarray] | None = None,
+        n_all_list: list[int] | None = None,
+    ) -> TargetTransform:
+        """Fit min-max statistics on the training slides' panel counts (no-op otherwise)."""
+        if not self.needs_fit:
+            return self
+        if not counts_list:
+            raise ValueError("cannot fit a min-max target transform without training slides")
+        pre = [
+            self._pre(c, None if totals_list is None else totals_list[i],
+                      None if n_all_list is None else n_all_list[i])
+            for i, c in enumerate(counts_list)
+        ]
+        allv = np.concatenate(pre, 0)
+        self.min = allv.min(0).tolist()
+        self.max = allv.max(0).tolist()
+        return self
+
+    def __call__(
+        self, counts: np.ndarray, total_all: np.ndarray | None = None, n_all: int | None = None
+    ) -> np.ndarray:
+        """Transform a spots x genes count matrix (float32 result)."""
+        y = self._pre(counts, total_all, n_all)
+        if self.needs_fit:
+            if self.min is None or self.max is None:
+                raise RuntimeError(f"target transform {self.kind!r} used before fit()")
+            lo, hi = np.asarray(self.min), np.asarray(self.max)
+            if lo.shape[0] != y.shape[1]:
+                raise ValueError(
+                    f"transform was fitted on {lo.shape[0]} genes, got {y.shape[1]}"
+                )
+            y = (y - lo) / (hi - lo + 1e-8)
+        return y.astype(np.float32)

@@ -1,0 +1,325 @@
+"""``SpotModel``: the LightningModule base every hest2sge model derives from.
+
+It owns the training policy once for all models: one shared step for train/val/test,
+``configure_optimizers`` from hyperparameters, ``predict_step``, hyperparameter saving, image
+normalisation and the capability flags the data module reads. A model file sets its flags,
+builds its layers in ``__init__``, implements ``forward(batch)`` and, when the paper's loss is
+not MSE, ``loss(out, batch)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Constructor arguments that must not be replayed when restoring a checkpoint (the weights
+# come from the checkpoint, so no download or local weight file is needed).
+_RELOAD_OVERRIDES = {"pretrained": False}
+
+
+class SpotModel(pl.LightningModule):
+    """Base class of all hest2sge models.
+
+    Class-level capability flags (read by :class:`~hest2sge.data.SpotDataModule`):
+
+    * ``input_mode``: ``"spot"`` (shuffled spots), ``"slide"`` (one slide per batch with its
+      neighbour graph) or ``"image"`` (whole-image models).
+    * ``needs_counts``: the loss uses raw counts (``batch["counts"]``).
+    * ``needs_graph``: the batch must carry ``edge_index`` (slide mode).
+    * ``needs_reference``: the model needs the training set as a reference (exemplars).
+    * ``default_target_transform``: dict spec of the paper's target transform.
+    * ``graph_k``/``graph_max_dist``: neighbour graph on array coordinates for slide mode.
+    * ``paper`` and ``paper_parameters``: citation and Table 1 parameter count.
+
+    Args:
+        genes: Gene panel (list of symbols). Either ``genes`` or ``n_genes`` is required.
+        n_genes: Number of genes when no names are known (tests, parameter counting).
+        patch_size: Patch side in pixels the model expects.
+        lr: Learning rate.
+        weight_decay: Weight decay.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum.
+        scheduler: ``None``, ``"cosine"`` (over ``max_epochs``) or ``"step"``.
+        scheduler_step: StepLR step size in epochs.
+        scheduler_gamma: StepLR decay.
+        normalize: Pixel normalisation: ``"imagenet"``, ``"none"`` (pixels in [0, 1]) or
+            ``"half"`` (mean 0.5, std 0.5).
+        target_transform: Override of the model's default target transform (dict spec).
+    """
+
+    model_name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    paper_parameters: ClassVar[float | None] = None
+    input_mode: ClassVar[str] = "spot"
+    needs_counts: ClassVar[bool] = False
+    needs_graph: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+    default_target_transform: ClassVar[dict[str, Any]] = {"kind": "log_norm"}
+    graph_k: ClassVar[int] = 4
+    graph_max_dist: ClassVar[float | None] = None
+    #: Keyword overrides giving a tiny configuration (tests, CPU smoke runs).
+    tiny_config: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        genes: Sequence[str] | None = None,
+        n_genes: int | None = None,
+        patch_size: int = 224,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+        scheduler: str | None = None,
+        scheduler_step: int = 50,
+        scheduler_gamma: float = 0.9,
+        normalize: str = "imagenet",
+        target_transform: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if genes is not None:
+            genes = [str(g) for g in genes]
+            if n_genes is not None and n_genes != len(genes):
+                raise ValueError(f"n_genes={n_genes} but {len(genes)} genes were given")
+            n_genes = len(genes)
+        if n_genes is None or n_genes < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs its gene panel: pass genes=dm.genes "
+                "(or n_genes=... when names are unknown)"
+            )
+        self.genes: list[str] | None = genes
+        self.n_genes = int(n_genes)
+        self.patch_size = int(patch_size)
+        if optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
+        if scheduler not in (None, "none", "cosine", "step"):
+            raise ValueError(f"scheduler must be None, 'cosine' or 'step', got {scheduler!r}")
+        mean, std = {
+            "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+            "half": ((0.5,) * 3, (0.5,) * 3),
+            "none": ((0.0,) * 3, (1.0,) * 3),
+        }.get(normalize, (None, None))
+        if mean is None:
+            raise ValueError(f"normalize must be 'imagenet', 'half' or 'none', got {normalize!r}")
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.fitted_target_transform: dict[str, Any] | None = None
+        self.save_hyperparameters()
+
+    # ------------------------------------------------------------------ flags and helpers
+    def target_transform_spec(self) -> dict[str, Any]:
+        """The target transform this model trains on (hyperparameter or class default)."""
+        return dict(self.hparams.get("target_transform") or self.default_target_transform)
+
+    def count_parameters(self, trainable_only: bool = True) -> int:
+        """Number of parameters (trainable only by default, as the paper's Table 1 counts)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def normalize_img(self, img: Tensor) -> Tensor:
+        """Normalise a (B, 3, H, W) image batch in [0, 1] with the model's pixel statistics."""
+        return (img - self.pixel_mean) / self.pixel_std
+
+    # ------------------------------------------------------------------ the model contract
+    def forward(self, batch: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:  # pragma: no cover
+        """Predict targets for a batch; return (B, G) or a dict with ``"pred"``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def prediction(out: Tensor | dict[str, Tensor]) -> Tensor:
+        """The (B, G) prediction from a forward output."""
+        return out["pred"] if isinstance(out, dict) else out
+
+    def loss(self, out: Tensor | dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor | dict:
+        """Training loss; MSE on the transformed targets unless a model overrides it.
+
+        May return a tensor or a dict with ``"loss"`` and further terms to log.
+        """
+        return F.mse_loss(self.prediction(out), batch["expr"])
+
+    def on_datamodule(self, datamodule: Any) -> None:
+        """Hook called once before fitting with the set-up data module (e.g. to initialise a
+        head from training-target means or to build an exemplar reference). Default: nothing."""
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return prepare_batch(batch)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "genes"):
+            return
+        if self.genes is not None and list(dm.genes) != list(self.genes):
+            missing = [g for g in self.genes if g not in set(dm.genes)]
+            extra = [g for g in dm.genes if g not in set(self.genes)]
+            raise ValueError(
+                f"{type(self).__name__} was built for a different gene panel than the data "
+                f"module's: {len(missing)} model gene(s) missing from the data "
+                f"(e.g. {missing[:5]}), {len(extra)} data gene(s) unknown to the model "
+                f"(e.g. {extra[:5]}){' and a different order' if not missing and not extra else ''}"
+            )
+        if self.genes is None and len(dm.genes) != self.n_genes:
+            raise ValueError(
+                f"model predicts {self.n_genes} genes but the data module has {len(dm.genes)}"
+            )
+        tt = getattr(dm, "target_transform", None)
+        if tt is not None:
+            self.fitted_target_transform = tt.to_dict()
+        if stage == "fit":
+            self.on_datamodule(dm)
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        out = self(batch)
+        losses = self.loss(out, batch)
+        if isinstance(losses, dict):
+            loss = losses["loss"]
+            extras = {k: v for k, v in losses.items() if k != "loss"}
+        else:
+            loss, extras = losses, {}
+        bs = int(batch["expr"].shape[0])
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=bs,
+                 on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        for k, v in extras.items():
+            self.log(f"{stage}/{k}", v, batch_size=bs, on_epoch=True, sync_dist=stage != "train")
+        return {"loss": loss, "pred": self.prediction(out).detach()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
+        pred = self.prediction(self(batch))
+        keep = {k: batch[k] for k in ("slide", "spot", "pos") if k in batch}
+        return {"pred": pred.detach(), **keep}
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            # Models fitted in closed form (GeneCodeR) still go through the Trainer.
+            return None
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                                  weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler in (None, "none"):
+            return opt
+        if hp.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, hp.scheduler_step, hp.scheduler_gamma)
+        else:
+            t_max = max(int(getattr(self.trainer, "max_epochs", None) or 1), 1)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from hest2sge import __version__
+
+        checkpoint["hest2sge"] = {
+            "model": self.model_name,
+            "version": __version__,
+            "genes": self.genes,
+            "target_transform": self.fitted_target_transform,
+        }
+        # Store hyperparameters as a plain dict so weights_only loading needs no allow-list.
+        checkpoint["hyper_parameters"] = _plain(dict(self.hparams))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("hest2sge") or {}
+        self.fitted_target_transform = meta.get("target_transform")
+
+
+def prepare_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a loader batch for a model: uint8 patches become float in [0, 1]."""
+    img = batch.get("img") if isinstance(batch, dict) else None
+    if img is not None and img.dtype == torch.uint8:
+        batch = dict(batch)
+        batch["img"] = img.float().div_(255.0)
+    return batch
+
+
+def _plain(obj: Any) -> Any:
+    """Convert hyperparameters to builtin containers (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike, name: str | None = None, **overrides: Any):
+    """Restore a hest2sge model from a Lightning checkpoint without unpickling objects.
+
+    Args:
+        path: Checkpoint file.
+        name: Expected registry name (checked against the checkpoint's).
+        **overrides: Only ``genes`` (checked against the checkpoint's panel) and
+            ``map_location`` are accepted.
+
+    Returns:
+        The model with the checkpoint's weights, in eval mode.
+    """
+    from hest2sge.registry import get_model_class
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    map_location = overrides.pop("map_location", "cpu")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise ValueError(
+            f"{path} could not be read as a weights-only checkpoint ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200]}); "
+            "hest2sge never unpickles arbitrary objects"
+        ) from None
+    meta = ckpt.get("hest2sge")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"{path} is not a hest2sge checkpoint (no 'hest2sge' section)")
+    ck_name = meta["model"]
+    if name is not None and get_model_class(name) is not get_model_class(ck_name):
+        raise ValueError(f"{path} holds a {ck_name!r} model, not {name!r}")
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    genes = overrides.pop("genes", None)
+    if overrides:
+        raise TypeError(
+            f"only genes= may accompany checkpoint=; got {sorted(overrides)}. "
+            "Build the model from the name to change its configuration."
+        )
+    if genes is not None:
+        ck_genes = hparams.get("genes")
+        if ck_genes is not None and list(genes) != list(ck_genes):
+            missing = [g for g in genes if g not in set(ck_genes)]
+            raise ValueError(
+                f"checkpoint {path} was trained on a different gene panel: "
+                f"{len(missing)} requested gene(s) are not in it (e.g. {missing[:5]})"
+                + ("" if missing else "; same genes in a different order")
+            )
+    cls = get_model_class(ck_name)
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    for k, v in _RELOAD_OVERRIDES.items():
+        if k in accepted:
+            hparams[k] = v
+    model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.fitted_target_transform = meta.get("target_transform")
+    model.eval()
+    return model

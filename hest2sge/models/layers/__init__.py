@@ -1,0 +1,1 @@
+"""Shared building blocks used by several models (one implementation each)."""

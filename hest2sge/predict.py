@@ -1,0 +1,107 @@
+"""``hest2sge.predict``: run a model on a slide and get an AnnData of predictions."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from hest2sge.data.slide import slide_id_of, validate_slide
+
+
+def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float | None = None,
+                  cache_dir: str | os.PathLike | None = None):
+    """Yield model-ready batches (without targets) covering every spot of ``slide``.
+
+    Slide-level models get one batch with all spots and the neighbour graph; spot-level
+    models get consecutive chunks of ``batch_size`` spots.
+    """
+    from hest2sge.data.graphs import knn_graph
+    from hest2sge.data.patches import cached_patches
+    from hest2sge.models.base import prepare_batch
+
+    store = cached_patches(slide, patch_size=model.patch_size, pixel_size_um=pixel_size_um,
+                           cache_dir=cache_dir)
+    coord = np.stack([slide.obs["array_col"].to_numpy(), slide.obs["array_row"].to_numpy()], 1)
+    coord = torch.as_tensor(coord.astype(np.int64))
+    pos = torch.as_tensor(np.asarray(slide.obsm["spatial"], dtype=np.float32))
+    n = slide.n_obs
+    slide_mode = model.input_mode in ("slide", "image")
+    chunks = [np.arange(n)] if slide_mode else np.array_split(np.arange(n), max(1, -(-n // batch_size)))
+    for idx in chunks:
+        img = torch.from_numpy(np.ascontiguousarray(store.get_many(idx))).permute(0, 3, 1, 2)
+        batch = {"img": img, "coord": coord[idx], "pos": pos[idx],
+                 "slide": torch.zeros(len(idx), dtype=torch.long), "spot": torch.as_tensor(idx)}
+        if slide_mode:
+            batch["edge_index"] = knn_graph(coord.numpy(), k=model.graph_k,
+                                            max_dist=model.graph_max_dist)
+        yield prepare_batch(batch)
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    slide,
+    resolution: str | float = "spot",
+    batch_size: int = 64,
+    pixel_size_um: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+):
+    """Predict gene expression for every spot of a slide.
+
+    Args:
+        model: A hest2sge model (trained or not).
+        slide: A slide AnnData (its counts are not needed).
+        resolution: ``"spot"`` for the measured spots; other values (a sub-spot grid step in
+            full-resolution pixels, ``"superpixel"``) are handled by models that implement
+            ``predict_slide`` (super-resolution models).
+        batch_size: Spots per forward pass for spot-level models.
+        pixel_size_um: Patch pixel size used in training (None: native resolution).
+        cache_dir: Patch cache directory.
+        device: Device to run on (default: the model's).
+
+    Returns:
+        AnnData with the slide's spots, ``var_names`` = the model's genes, predictions in
+        ``X`` and ``layers["pred"]`` (on the model's target scale), the slide's raw counts of
+        those genes in ``layers["counts"]`` when the slide has them, and the slide's
+        ``obsm["spatial"]`` and ``uns["spatial"]``.
+    """
+    import anndata as ad
+
+    validate_slide(slide)
+    if resolution != "spot":
+        if not hasattr(model, "predict_slide"):
+            raise ValueError(
+                f"{type(model).__name__} predicts at spot resolution only; "
+                f"resolution={resolution!r} needs a super-resolution model"
+            )
+        return model.predict_slide(slide, resolution=resolution, pixel_size_um=pixel_size_um,
+                                   cache_dir=cache_dir)
+    was_training = model.training
+    model.eval()
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters(), torch.empty(0)).device
+    preds = []
+    for batch in slide_batches(model, slide, batch_size, pixel_size_um, cache_dir):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        preds.append(model.prediction(model(batch)).float().cpu())
+    model.train(was_training)
+    pred = torch.cat(preds).numpy()
+    genes = model.genes or [f"g{i}" for i in range(pred.shape[1])]
+    out = ad.AnnData(X=pred.copy(), obs=slide.obs.copy())
+    out.var_names = list(genes)
+    out.layers["pred"] = pred
+    if all(g in slide.var_names for g in genes):
+        from hest2sge.data.datamodule import _dense
+
+        out.layers["counts"] = _dense(slide[:, list(genes)].X)
+    out.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
+    out.uns["spatial"] = {slide_id_of(slide): slide.uns["spatial"][slide_id_of(slide)]}
+    out.uns["hest2sge"] = {"model": model.model_name, "resolution": "spot",
+                           "target_transform": model.fitted_target_transform
+                           or model.target_transform_spec()}
+    return out
