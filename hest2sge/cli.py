@@ -42,7 +42,7 @@ def _demo(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="hest2sge demo",
                                 description="Train ST-Net on synthetic slides and evaluate it.")
     p.add_argument("--out", default="demo_output", help="output folder (PNG, metrics table)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 
-def run_demo(out: str | os.PathLike = "demo_output", epochs: int = 8,
+def run_demo(out: str | os.PathLike = "demo_output", epochs: int = 5,
              backbone: str = "resnet18", seed: int = 0, quiet: bool = False) -> dict:
     """Train ST-Net (small backbone, random init) on synthetic slides and evaluate held-out
     patients.

@@ -33,7 +33,9 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
     for idx in chunks:
         img = torch.from_numpy(np.ascontiguousarray(store.get_many(idx))).permute(0, 3, 1, 2)
         batch = {"img": img, "coord": coord[idx], "pos": pos[idx],
-                 "slide": torch.zeros(len(idx), dtype=torch.long), "spot": torch.as_tensor(idx)}
+                 # slide index -1: this slide is not one of a data module's slides
+                 "slide": torch.full((len(idx),), -1, dtype=torch.long),
+                 "spot": torch.as_tensor(idx)}
         if slide_mode:
             batch["edge_index"] = knn_graph(coord.numpy(), k=model.graph_k,
                                             max_dist=model.graph_max_dist)
