@@ -142,3 +142,21 @@ def test_knn_graph_known_grid():
     assert sorted(ei[0][ei[1] == 0].tolist()) == [1, 3]
     ei_all = knn_graph(xy, k=4)  # no pruning: corners get 4 neighbours too
     assert (torch.bincount(ei_all[1]) == 4).all()
+
+
+def test_no_common_genes_error(slides):
+    a, b = slides[0].copy(), slides[2].copy()
+    b.var_names = [f"X{i}" for i in range(b.n_vars)]
+    with pytest.raises(ValueError, match="no genes in common"):
+        select_genes([a, b], "all")
+
+
+def test_resolve_split_forms(slides):
+    dm = SpotDataModule(slides, None, genes="all")
+    assert dm.split == patient_kfold(slides, k=4, fold=0)
+    dm = SpotDataModule(slides, {"train": ["P0_S0"], "val": ["P1_S0"]}, genes="all")
+    assert dm.split.test == [] and dm.split.train == ["P0_S0"]
+    with pytest.raises(TypeError, match="split must be"):
+        SpotDataModule(slides, ["P0_S0"], genes="all")
+    with pytest.raises(ValueError, match="k >= 3"):
+        patient_kfold(slides, k=2)

@@ -28,8 +28,8 @@ def _entry(slide) -> dict:
 
 
 @pytest.fixture(scope="module")
-def her2st(her2st_root):
-    return {_sid(s): s for s in R.read_her2st(her2st_root)}
+def her2st(her2st_slides):
+    return {_sid(s): s for s in her2st_slides}
 
 
 @pytest.fixture(scope="module")
