@@ -16,7 +16,8 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
     """Yield model-ready batches (without targets) covering every spot of ``slide``.
 
     Slide-level models get one batch with all spots and the neighbour graph; spot-level
-    models get consecutive chunks of ``batch_size`` spots.
+    and image-level models get consecutive chunks of ``batch_size`` spots (image-level models
+    also get the per-spot inputs they compute from the whole slide, ``model.slide_inputs``).
     """
     from hest2sge.data.graphs import knn_graph
     from hest2sge.data.patches import cached_patches
@@ -28,7 +29,9 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
     coord = torch.as_tensor(coord.astype(np.int64))
     pos = torch.as_tensor(np.asarray(slide.obsm["spatial"], dtype=np.float32))
     n = slide.n_obs
-    slide_mode = model.input_mode in ("slide", "image")
+    slide_mode = model.input_mode == "slide"
+    hook = getattr(model, "slide_inputs", None)
+    inputs = hook(slide, cache_dir=cache_dir) if callable(hook) else {}
     chunks = [np.arange(n)] if slide_mode else np.array_split(np.arange(n), max(1, -(-n // batch_size)))
     for idx in chunks:
         img = torch.from_numpy(np.ascontiguousarray(store.get_many(idx))).permute(0, 3, 1, 2)
@@ -36,6 +39,7 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
                  # slide index -1: this slide is not one of a data module's slides
                  "slide": torch.full((len(idx),), -1, dtype=torch.long),
                  "spot": torch.as_tensor(idx)}
+        batch.update({k: torch.as_tensor(np.asarray(v[idx])) for k, v in inputs.items()})
         if slide_mode:
             batch["edge_index"] = knn_graph(coord.numpy(), k=model.graph_k,
                                             max_dist=model.graph_max_dist)

@@ -53,3 +53,9 @@ def her2st_slides(her2st_root: Path) -> list:
     from hest2sge.data import read_her2st
 
     return read_her2st(her2st_root)
+
+
+@pytest.fixture(scope="session")
+def her2st_patch_cache(tmp_path_factory) -> Path:
+    """A session-wide patch cache folder, so tests cutting the same HER2+ patches share them."""
+    return tmp_path_factory.mktemp("her2st_patch_cache")

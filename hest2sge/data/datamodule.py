@@ -12,7 +12,9 @@ Batches are dicts of tensors (DESIGN.md):
 * ``edge_index`` (2, E) in slide mode: neighbour graph on array coordinates.
 
 Spot mode yields shuffled spots of the training slides; slide mode yields one slide (all its
-spots) per batch.
+spots) per batch. Image mode (whole-image models such as iStar) batches shuffled spots like
+spot mode, each also carrying the per-spot inputs the model computed once from the whole
+slide (``model.slide_inputs``, e.g. iStar's ``feat``/``feat_mask``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class SlideTable:
     """Per-slide arrays the datasets need (targets, counts, coordinates, patches)."""
 
     def __init__(self, slide, index: int, genes: list[str], transform: TargetTransform,
-                 patches: Any) -> None:
+                 patches: Any, inputs: dict[str, np.ndarray] | None = None) -> None:
         self.index = index
         self.slide_id = slide_id_of(slide)
         self.patient_id = patient_id_of(slide)
@@ -77,6 +79,8 @@ class SlideTable:
         self.barcodes = list(slide.obs_names)
         self.patches = patches
         self.n = slide.n_obs
+        # per-spot model inputs computed from the whole slide (``model.slide_inputs``)
+        self.inputs = dict(inputs or {})
 
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         return {
@@ -87,6 +91,7 @@ class SlideTable:
             "pos": torch.from_numpy(self.pos[i]),
             "slide": torch.tensor(self.index),
             "spot": torch.tensor(i),
+            **{k: torch.from_numpy(np.asarray(v[i])) for k, v in self.inputs.items()},
         }
 
 
@@ -138,6 +143,7 @@ class SlideDataset(Dataset):
             "slide": torch.full((t.n,), t.index, dtype=torch.long),
             "spot": torch.from_numpy(idx),
             "edge_index": self.graphs[k],
+            **{k: torch.from_numpy(np.asarray(v)) for k, v in t.inputs.items()},
         }
 
 
@@ -180,7 +186,7 @@ class SpotDataModule(pl.LightningDataModule):
         min_spots: Minimum expressing spots for the ``"paper"`` rule.
         n_genes: Panel size for the ``"mean"`` rule.
         target_transform: Override of the model's target transform (dict spec).
-        input_mode: ``"spot"`` or ``"slide"``; default from the model.
+        input_mode: ``"spot"``, ``"slide"`` or ``"image"``; default from the model.
         patch_size: Patch side in pixels; default from the model.
         pixel_size_um: Rescale patches to this many µm per pixel (None: native resolution).
         batch_size: Spots per batch in spot mode (slide mode always uses one slide).
@@ -248,6 +254,7 @@ class SpotDataModule(pl.LightningDataModule):
         self.target_transform: TargetTransform | None = None
         self.train_target_mean: np.ndarray | None = None
         self.tables: dict[str, SlideTable] = {}
+        self.slide_inputs: Any = None
         self._configured = False
 
     @classmethod
@@ -274,8 +281,15 @@ class SpotDataModule(pl.LightningDataModule):
         self.input_mode = self.input_mode or "spot"
         self.patch_size = int(self.patch_size or 224)
         self.graph_k = 4 if self.graph_k is None else int(self.graph_k)
-        if self.input_mode == "image":
-            self.input_mode = "slide"
+        # "image" models compute per-spot inputs from the whole slide image once per slide
+        # (``model.slide_inputs(slide, cache_dir=..., slides=...)``); their batches are
+        # shuffled spots carrying those inputs, as in spot mode.
+        if model is not None:
+            hook = getattr(model, "slide_inputs", None)
+            hook = hook if callable(hook) else None
+            if hook != self.slide_inputs:
+                self.tables.clear()  # tables hold another model's inputs (or none): rebuild
+                self.slide_inputs = hook
         self._configured = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -309,8 +323,11 @@ class SpotDataModule(pl.LightningDataModule):
             slide = self._by_id[slide_id]
             store = cached_patches(slide, patch_size=self.patch_size,
                                    pixel_size_um=self.pixel_size_um, cache_dir=self.cache_dir)
+            inputs = None
+            if self.slide_inputs is not None:
+                inputs = self.slide_inputs(slide, cache_dir=self.cache_dir, slides=self.slides)
             self.tables[slide_id] = SlideTable(slide, self.slide_ids.index(slide_id), self.genes,
-                                               self.target_transform, store)
+                                               self.target_transform, store, inputs=inputs)
         return self.tables[slide_id]
 
     def _ids(self, role: str) -> list[str]:

@@ -222,7 +222,8 @@ class SpotModel(pl.LightningModule):
         if hp.scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, hp.scheduler_step, hp.scheduler_gamma)
         else:
-            t_max = max(int(getattr(self.trainer, "max_epochs", None) or 1), 1)
+            trainer = self._trainer  # None outside a Trainer (e.g. benchmarks)
+            t_max = max(int(getattr(trainer, "max_epochs", None) or 1), 1)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 

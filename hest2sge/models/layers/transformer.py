@@ -19,14 +19,17 @@ class Attention(nn.Module):
         dim_head: Width per head.
         dropout: Dropout on the attention weights and on the output projection.
         qkv_bias: Bias on the qkv projection.
+        attn_dropout: Dropout on the attention weights only (default: ``dropout``). The
+            HisToGene/THItoGene ViTs have none (0.0), which also lets SDPA use its fused
+            kernel instead of materialising the N x N attention matrix.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, attn_dropout: float | None = None) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
-        self.dropout = dropout
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.to_qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
         project = not (heads == 1 and dim_head == dim)
         self.to_out = (nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
@@ -59,10 +62,10 @@ class TransformerBlock(nn.Module):
     """``x + Attn(LN(x))`` then ``x + FFN(LN(x))``."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, attn_dropout: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, dropout)
+        self.attn = Attention(dim, heads, dim_head, dropout, attn_dropout=attn_dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mlp_dim, dropout)
 
@@ -83,13 +86,16 @@ class Transformer(nn.Module):
         dropout: Dropout rate.
         checkpointing: Recompute each block in the backward pass (activation checkpointing),
             trading compute for memory on long spot sequences.
+        attn_dropout: Dropout on the attention weights (default: ``dropout``).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
-                 dropout: float = 0.0, checkpointing: bool = False) -> None:
+                 dropout: float = 0.0, checkpointing: bool = False,
+                 attn_dropout: float | None = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth)
+            TransformerBlock(dim, heads, dim_head, mlp_dim, dropout, attn_dropout=attn_dropout)
+            for _ in range(depth)
         )
         self.checkpointing = checkpointing
 
