@@ -14,6 +14,11 @@ Kinds:
   training slides (EGN v1/v2; DeepSpaCE after its variance-stabilising step).
 * ``"minmax"``: per-gene min-max of raw counts from the training slides (iStar).
 * ``"raw"``: untransformed counts (DeepPT in the benchmark, GeneCodeR).
+* ``"sct"``: DeepSpaCE's targets: SCTransform-style corrected counts (closed-form stand-in,
+  analytic Pearson residuals, :mod:`hest2sge.data.normalize`), then ``log_base(1 + x)`` and
+  per-gene min-max. Fitted on the training slides: gene shares ``gene_frac``, median depth
+  ``median_depth``, residual ``clip`` and the min-max range; ``theta`` is fixed. The depth is
+  the spot total over all genes (``library="all"``) or over the panel (``"panel"``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("log_norm", "stnet", "log_minmax", "minmax", "raw")
+KINDS = ("log_norm", "stnet", "log_minmax", "minmax", "raw", "sct")
 
 
 @dataclass
@@ -47,6 +52,10 @@ class TargetTransform:
     library: str = "panel"
     min: list[float] | None = field(default=None, repr=False)
     max: list[float] | None = field(default=None, repr=False)
+    theta: float = 100.0
+    gene_frac: list[float] | None = field(default=None, repr=False)
+    median_depth: float | None = None
+    clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -72,7 +81,7 @@ class TargetTransform:
     @property
     def needs_fit(self) -> bool:
         """Whether :meth:`fit` must see training data first."""
-        return self.kind in ("log_minmax", "minmax")
+        return self.kind in ("log_minmax", "minmax", "sct")
 
     def _log(self, x: np.ndarray) -> np.ndarray:
         if self.base in ("e", None) or self.base == float(np.e):
@@ -85,6 +94,8 @@ class TargetTransform:
             return counts
         if self.kind == "log_minmax":
             return self._log(counts + self.pseudocount)
+        if self.kind == "sct":
+            return self._sct(counts, total_all)
         if self.kind == "stnet":
             if total_all is None or n_all is None:
                 raise ValueError("the 'stnet' transform needs per-spot totals over all genes")
@@ -99,6 +110,22 @@ class TargetTransform:
         lib = np.where(lib > 0, lib, 1.0)[:, None]
         return self._log(self.pseudocount + self.scale * counts / lib)
 
+    def _depth(self, counts: np.ndarray, total_all: np.ndarray | None) -> np.ndarray:
+        if self.library == "all":
+            if total_all is None:
+                raise ValueError("library='all' needs per-spot totals over all genes")
+            return np.asarray(total_all, dtype=np.float64).ravel()
+        return np.asarray(counts, dtype=np.float64).sum(1)
+
+    def _sct(self, counts: np.ndarray, total_all: np.ndarray | None) -> np.ndarray:
+        from hest2sge.data.normalize import corrected_counts
+
+        if self.gene_frac is None or self.median_depth is None:
+            raise RuntimeError("target transform 'sct' used before fit()")
+        y = corrected_counts(counts, self._depth(counts, total_all), self.gene_frac,
+                             self.median_depth, theta=self.theta, clip=self.clip)
+        return self._log(y + self.pseudocount)
+
     def fit(
         self,
         counts_list: list[np.ndarray],
@@ -110,6 +137,14 @@ class TargetTransform:
             return self
         if not counts_list:
             raise ValueError("cannot fit a min-max target transform without training slides")
+        if self.kind == "sct":
+            from hest2sge.data.normalize import fit_pearson
+
+            depths = [self._depth(c, None if totals_list is None else totals_list[i])
+                      for i, c in enumerate(counts_list)]
+            stats = fit_pearson(counts_list, depths)
+            self.gene_frac, self.median_depth = stats["gene_frac"], stats["median_depth"]
+            self.clip = stats["clip"]
         pre = [
             self._pre(c, None if totals_list is None else totals_list[i],
                       None if n_all_list is None else n_all_list[i])
