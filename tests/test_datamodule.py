@@ -160,3 +160,17 @@ def test_resolve_split_forms(slides):
         SpotDataModule(slides, ["P0_S0"], genes="all")
     with pytest.raises(ValueError, match="k >= 3"):
         patient_kfold(slides, k=2)
+
+
+def test_augmentation_default_comes_from_the_model(slides):
+    genes = list(slides[0].var_names)
+    stnet = hest2sge.load("stnet", genes=genes, pretrained=False, backbone="test_resnet",
+                          patch_size=32)
+    histogene = hest2sge.load("histogene", genes=genes, **hest2sge.registry.get_model_class(
+        "histogene").tiny_config)
+    assert SpotDataModule.for_model(stnet, slides).augment is True
+    assert SpotDataModule.for_model(histogene, slides).augment is False
+    assert SpotDataModule.for_model(histogene, slides, augment=True).augment is True
+    dm = SpotDataModule(slides, None, genes="all", augment=None)
+    dm.configure_for(None)
+    assert dm.augment is True

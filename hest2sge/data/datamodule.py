@@ -191,7 +191,9 @@ class SpotDataModule(pl.LightningDataModule):
         pixel_size_um: Rescale patches to this many µm per pixel (None: native resolution).
         batch_size: Spots per batch in spot mode (slide mode always uses one slide).
         num_workers: DataLoader workers.
-        augment: Flips and 90 degree rotations on training patches.
+        augment: Flips and 90 degree rotations on training patches; default from the model
+            (``loader_augment``: on for ST-Net, DeepPT, TCGN; off for models whose original
+            uses no augmentation or augments inside the model), else on.
         cache_dir: Directory of the HDF5 patch cache (None: patches kept in memory).
         graph_k: Neighbours of the slide-mode graph; default from the model.
         graph_max_dist: Maximum edge length (array units); default from the model.
@@ -213,7 +215,7 @@ class SpotDataModule(pl.LightningDataModule):
         pixel_size_um: float | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
-        augment: bool = True,
+        augment: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         graph_k: int | None = None,
         graph_max_dist: float | None = None,
@@ -246,6 +248,7 @@ class SpotDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.augment = augment
+        self._augment_arg = augment
         self.cache_dir = cache_dir
         self.graph_k = graph_k
         self.graph_max_dist = graph_max_dist
@@ -278,9 +281,12 @@ class SpotDataModule(pl.LightningDataModule):
                 self.graph_max_dist = model.graph_max_dist
             if self.target_transform_spec is None:
                 self.target_transform_spec = model.target_transform_spec()
+            if self._augment_arg is None:
+                self.augment = bool(getattr(model, "loader_augment", True))
         self.input_mode = self.input_mode or "spot"
         self.patch_size = int(self.patch_size or 224)
         self.graph_k = 4 if self.graph_k is None else int(self.graph_k)
+        self.augment = True if self.augment is None else bool(self.augment)
         # "image" models compute per-spot inputs from the whole slide image once per slide
         # (``model.slide_inputs(slide, cache_dir=..., slides=...)``); their batches are
         # shuffled spots carrying those inputs, as in spot mode.

@@ -38,6 +38,7 @@ class SpotModel(pl.LightningModule):
     * ``needs_reference``: the model needs the training set as a reference (exemplars).
     * ``default_target_transform``: dict spec of the paper's target transform.
     * ``graph_k``/``graph_max_dist``: neighbour graph on array coordinates for slide mode.
+    * ``loader_augment``: default of the data module's training flips/rotations.
     * ``paper`` and ``paper_parameters``: citation and Table 1 parameter count.
 
     Args:
@@ -66,6 +67,9 @@ class SpotModel(pl.LightningModule):
     default_target_transform: ClassVar[dict[str, Any]] = {"kind": "log_norm"}
     graph_k: ClassVar[int] = 4
     graph_max_dist: ClassVar[float | None] = None
+    #: Whether the data module's flips/90-degree rotations apply to this model's training
+    #: patches by default (False for models whose original uses none or augments itself).
+    loader_augment: ClassVar[bool] = True
     #: Keyword overrides giving a tiny configuration (tests, CPU smoke runs).
     tiny_config: ClassVar[dict[str, Any]] = {}
 

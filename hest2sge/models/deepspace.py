@@ -36,7 +36,7 @@ class DeepSpaCE(SpotModel):
     parameters at 785 genes: 137.48 M = VGG16 134.26 M + 4097 x 785 (Table 1: 137 M).
 
     The model applies the original's augmentation families itself (training batches only);
-    build the data module with ``augment=False`` to avoid adding the loader's flips on top.
+    the data module's own flips are off by default for it (``loader_augment = False``).
 
     Extras of the original: :func:`self_train` (semi-supervised rounds with pseudo-labels on
     unlabelled slides) and super-resolution (:meth:`predict_slide`, also reached through
@@ -85,6 +85,7 @@ class DeepSpaCE(SpotModel):
     paper = "Monjo et al., Sci Rep 2022 (DeepSpaCE)"
     paper_parameters = 137e6
     input_mode = "spot"
+    loader_augment = False
     default_target_transform = {"kind": "sct", "library": "all"}
     tiny_config = {"backbone": "test_resnet", "pretrained": False, "patch_size": 32}
 

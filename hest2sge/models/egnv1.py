@@ -145,6 +145,7 @@ class EGNv1(SpotModel):
     paper = "Yang et al., WACV 2023 (EGN)"
     paper_parameters = 135e6
     input_mode = "spot"
+    loader_augment = False
     needs_reference = True
     default_target_transform = {"kind": "log_minmax", "base": 10}
     tiny_config = {"extractor": "test_resnet", "pretrained": False, "patch_size": 32,

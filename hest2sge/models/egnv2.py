@@ -92,6 +92,7 @@ class EGNv2(SpotModel):
     paper = "Yang et al., Pattern Recognition 2024 (EGGN / EGN v2)"
     paper_parameters = 12e6
     input_mode = "slide"
+    loader_augment = False
     needs_graph = True
     needs_reference = True
     default_target_transform = {"kind": "log_minmax", "base": 10}

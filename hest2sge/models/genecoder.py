@@ -64,7 +64,8 @@ class GeneCodeR(SpotModel):
     Fitting through Lightning: ``Trainer(max_epochs=1).fit(model, dm)``. Training steps only
     collect the batches (pixels as uint8, targets); the fit runs once on the collected spots
     before the first validation (or at the end of the epoch/fit) and later epochs are no-ops.
-    Use ``SpotDataModule(..., augment=False)``: the original sees un-augmented crops.
+    The data module does not augment its crops by default (``loader_augment = False``), as
+    the original sees un-augmented crops.
 
     Scale: the pixel matrix is held as uint8 (10,000 spots x 150,528 = 1.5 GB) and never as a
     dense float copy. Every update of beta_img stays in the row space of X (its irlba
@@ -118,6 +119,7 @@ class GeneCodeR(SpotModel):
     paper = "Banh & Huang (GeneCodeR)"
     paper_parameters = 75e6
     input_mode = "spot"
+    loader_augment = False
     default_target_transform = {"kind": "raw"}
     tiny_config = {"patch_size": 32, "i_dim": 6, "j_dim": 6, "max_iter": 5}
 

@@ -199,6 +199,7 @@ class Hist2ST(SpotModel):
     paper = "Zeng et al., Brief Bioinform 2022 (Hist2ST)"
     paper_parameters = 230e6
     input_mode = "slide"
+    loader_augment = False
     needs_counts = True
     needs_graph = True
     graph_k = 4

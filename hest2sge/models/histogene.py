@@ -37,8 +37,8 @@ class HisToGene(SuperResolutionMixin, SpotModel):
 
     Paper configuration (benchmark Methods, tutorial of the original code): 224 px patches,
     dim 1024, 8 layers, 16 heads of 64, MLP 2048, dropout 0.1, Adam lr 1e-5, 100 epochs, last
-    epoch, batch of one slide, no augmentation (build the data module with ``augment=False``
-    to match). Trainable parameters at 785 genes: 222.4 M, all parameters counted (Table 1:
+    epoch, batch of one slide, no augmentation (the data module's default for this model,
+    ``loader_augment = False``). Trainable parameters at 785 genes: 222.4 M, all parameters counted (Table 1:
     222 M; the 224 px patch embedding alone is 154.1 M).
 
     Super-resolution: ``hest2sge.predict(model, slide, resolution="half")`` (or a step in
@@ -86,6 +86,7 @@ class HisToGene(SuperResolutionMixin, SpotModel):
     paper = "Pang, Su & Li, bioRxiv 2021 (HisToGene)"
     paper_parameters = 222e6
     input_mode = "slide"
+    loader_augment = False
     needs_graph = False
     default_target_transform = {"kind": "log_norm"}
     accepts_uint8_img = True

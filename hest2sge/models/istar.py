@@ -115,6 +115,7 @@ class IStar(SpotModel):
     paper = "Zhang et al., Nat Biotechnol 2024 (iStar)"
     paper_parameters = 2.19e6
     input_mode = "image"
+    loader_augment = False
     default_target_transform = {"kind": "minmax"}
     tiny_config = {"pretrained": False, "pixel_size_um": 2.0, "token_px": 4, "region_px": 32,
                    "shifts": 1, "vit256_dim": 16, "vit256_depth": 1, "vit256_heads": 2,

@@ -44,8 +44,8 @@ class THItoGene(SuperResolutionMixin, SpotModel):
 
     Paper configuration (benchmark Methods = the original's train.py for HER2+): 112 px
     patches, 20 capsules of 64, heads [16, 8], 4 transformer blocks, dropout 0.2, Adam lr 1e-5,
-    batch of one slide, 200 epochs (README; train.py uses 300), no augmentation (build the
-    data module with ``augment=False`` to match). Trainable parameters at 785 genes:
+    batch of one slide, 200 epochs (README; train.py uses 300), no augmentation (the data
+    module's default for this model, ``loader_augment = False``). Trainable parameters at 785 genes:
     63.6 M, all parameters counted (Table 1: 63.6 M).
 
     Loss: MSE on ``log10(1 + 1e4 c / panel sum)`` (``"log_norm"``, scprep, as in the original
@@ -105,6 +105,7 @@ class THItoGene(SuperResolutionMixin, SpotModel):
     paper = "Jia et al., Brief Bioinform 2024 (THItoGene)"
     paper_parameters = 63.6e6
     input_mode = "slide"
+    loader_augment = False
     needs_graph = True
     graph_k = 4
     graph_max_dist = None
