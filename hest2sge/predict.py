@@ -43,7 +43,7 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
         if slide_mode:
             batch["edge_index"] = knn_graph(coord.numpy(), k=model.graph_k,
                                             max_dist=model.graph_max_dist)
-        yield prepare_batch(batch)
+        yield prepare_batch(batch, keep_uint8=getattr(model, "accepts_uint8_img", False))
 
 
 @torch.no_grad()

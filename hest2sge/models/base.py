@@ -70,6 +70,9 @@ class SpotModel(pl.LightningModule):
     #: Whether the data module's flips/90-degree rotations apply to this model's training
     #: patches by default (False for models whose original uses none or augments itself).
     loader_augment: ClassVar[bool] = True
+    #: The model takes uint8 patches (0-255) and converts them itself, chunk by chunk, to save
+    #: memory on whole slides; otherwise batches arrive as float in [0, 1].
+    accepts_uint8_img: ClassVar[bool] = False
     #: Keyword overrides giving a tiny configuration (tests, CPU smoke runs).
     tiny_config: ClassVar[dict[str, Any]] = {}
 
@@ -154,7 +157,7 @@ class SpotModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning plumbing
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return prepare_batch(batch)
+        return prepare_batch(batch, keep_uint8=self.accepts_uint8_img)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -248,10 +251,11 @@ class SpotModel(pl.LightningModule):
         self.fitted_target_transform = meta.get("target_transform")
 
 
-def prepare_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Convert a loader batch for a model: uint8 patches become float in [0, 1]."""
+def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:
+    """Convert a loader batch for a model: uint8 patches become float in [0, 1] (unless
+    ``keep_uint8``, for models with ``accepts_uint8_img``)."""
     img = batch.get("img") if isinstance(batch, dict) else None
-    if img is not None and img.dtype == torch.uint8:
+    if img is not None and img.dtype == torch.uint8 and not keep_uint8:
         batch = dict(batch)
         batch["img"] = img.float().div_(255.0)
     return batch

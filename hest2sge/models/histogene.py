@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hest2sge.models.base import SpotModel, prepare_batch
+from hest2sge.models.base import SpotModel
 from hest2sge.models.layers.chunking import encode_in_chunks, to_unit_float
 from hest2sge.models.layers.position import (
     DEFAULT_N_POS,
@@ -124,14 +124,6 @@ class HisToGene(SuperResolutionMixin, SpotModel):
     def on_datamodule(self, datamodule: Any) -> None:
         """Fail before training when a slide's array coordinates do not fit the tables."""
         check_datamodule_coordinates(datamodule, self.position.n_pos)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Keep the patches uint8 (4x smaller); they become floats chunk by chunk."""
-        if not isinstance(batch, dict) or "img" not in batch:
-            return prepare_batch(batch)
-        out = prepare_batch({k: v for k, v in batch.items() if k != "img"})
-        out["img"] = batch["img"]
-        return out
 
     def _embed(self, img: Tensor) -> Tensor:
         """Normalise, flatten and embed patches (uint8 0-255 or float in [0, 1])."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hest2sge.models.base import SpotModel, prepare_batch
+from hest2sge.models.base import SpotModel
 from hest2sge.models.layers.capsules import EfficientCapsNet
 from hest2sge.models.layers.chunking import encode_in_chunks, to_unit_float
 from hest2sge.models.layers.gat import MultiHeadGAT
@@ -156,14 +156,6 @@ class THItoGene(SuperResolutionMixin, SpotModel):
     def on_datamodule(self, datamodule: Any) -> None:
         """Fail before training when a slide's array coordinates do not fit the tables."""
         check_datamodule_coordinates(datamodule, self.position.n_pos)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Keep the patches uint8 (4x smaller); they become floats in the encoder."""
-        if not isinstance(batch, dict) or "img" not in batch:
-            return prepare_batch(batch)
-        out = prepare_batch({k: v for k, v in batch.items() if k != "img"})
-        out["img"] = batch["img"]
-        return out
 
     def _encode(self, img: Tensor) -> Tensor:
         x = self.odconv(self.normalize_img(to_unit_float(img)))

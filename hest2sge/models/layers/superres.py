@@ -328,8 +328,7 @@ def predict_subspots(
     if getattr(model, "needs_graph", False) or model.input_mode == "slide":
         batch["edge_index"] = subspot_graph(grid, k=model.graph_k, max_dist=model.graph_max_dist,
                                             min_dist=grid.array_nn)
-    if not getattr(model, "accepts_uint8_img", False):
-        batch = prepare_batch(batch)  # uint8 -> float in [0, 1]
+    batch = prepare_batch(batch, keep_uint8=getattr(model, "accepts_uint8_img", False))
     was_training = model.training
     model.eval()
     dev = next(model.parameters(), torch.empty(0)).device
