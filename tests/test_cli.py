@@ -53,3 +53,14 @@ def test_unknown_model_in_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         main(["fit", "--model", "hest2sge.models.NoSuchNet", "--data.slides", TINY_DATA])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples/configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_parse(config, capsys):
+    """Every shipped config is valid for its model class and the data module."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: hest2sge.models." in out and "slides:" in out
