@@ -177,38 +177,16 @@ class DeepSpaCE(SpotModel):
             predict_subspots`: ``layers["pred"]``, ``obsm["spatial"]``, ``obs`` with the
             nearest measured spot and grid indices.
         """
-        import anndata as ad
-        import pandas as pd
-
         from hest2sge.data.patches import cached_patches
-        from hest2sge.data.slide import slide_id_of, validate_slide
-        from hest2sge.models.layers.superres import subspot_grid, subspot_slide
+        from hest2sge.data.slide import validate_slide
+        from hest2sge.models.layers.superres import subspot_anndata, subspot_grid, subspot_slide
 
         validate_slide(slide)
         grid = subspot_grid(slide, resolution)
         store = cached_patches(subspot_slide(slide, grid), patch_size=self.patch_size,
                                pixel_size_um=pixel_size_um, cache_dir=cache_dir)
         pred = self._predict_store(store)
-        genes = self.genes or [f"g{i}" for i in range(pred.shape[1])]
-        obs = pd.DataFrame(
-            {"grid_col": grid.grid[:, 0], "grid_row": grid.grid[:, 1],
-             "array_col_frac": grid.array_frac[:, 0], "array_row_frac": grid.array_frac[:, 1],
-             "spot": np.asarray(slide.obs_names)[grid.spot], "spot_index": grid.spot,
-             "dist_to_spot": grid.dist, "in_spot": grid.in_spot},
-            index=pd.Index([f"sub_{c}_{r}" for c, r in grid.grid]),
-        )
-        out = ad.AnnData(X=pred.copy(), obs=obs)
-        out.var_names = list(genes)
-        out.layers["pred"] = pred
-        out.obsm["spatial"] = grid.pos.copy()
-        sid = slide_id_of(slide)
-        out.uns["spatial"] = {sid: slide.uns["spatial"][sid]}
-        out.uns["hest2sge"] = {
-            "model": self.model_name, "resolution": str(resolution), "step_px": grid.step,
-            "pitch_px": grid.pitch, "spot_radius_px": grid.radius, "slide_id": sid,
-            "target_transform": self.fitted_target_transform or self.target_transform_spec(),
-        }
-        return out
+        return subspot_anndata(self, slide, grid, pred, resolution)
 
     def _predict_store(self, store) -> np.ndarray:
         was_training = self.training

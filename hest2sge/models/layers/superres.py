@@ -304,12 +304,10 @@ def predict_subspots(
         (pixels) and ``in_spot`` (inside that spot's disc); ``uns["hest2sge"]`` records the
         step, pitch and spot radius.
     """
-    import anndata as ad
-    import pandas as pd
     import torch
 
     from hest2sge.data.patches import cached_patches
-    from hest2sge.data.slide import slide_id_of, validate_slide
+    from hest2sge.data.slide import validate_slide
     from hest2sge.models.base import prepare_batch
 
     validate_slide(slide)
@@ -337,7 +335,18 @@ def predict_subspots(
             pred = model.prediction(model({k: v.to(dev) for k, v in batch.items()}))
     finally:
         model.train(was_training)
-    pred = pred.float().cpu().numpy()
+    return subspot_anndata(model, slide, grid, pred.float().cpu().numpy(), resolution)
+
+
+def subspot_anndata(model: Any, slide, grid: SubspotGrid, pred: np.ndarray,
+                    resolution: str | float):
+    """Wrap sub-spot predictions ``pred`` (M, G) of ``model`` on ``grid`` as an AnnData (the
+    layout :func:`predict_subspots` documents); shared by every super-resolution model."""
+    import anndata as ad
+    import pandas as pd
+
+    from hest2sge.data.slide import slide_id_of
+
     genes = model.genes or [f"g{i}" for i in range(pred.shape[1])]
     barcodes = np.asarray(slide.obs_names)[grid.spot]
     obs = pd.DataFrame(
