@@ -155,7 +155,9 @@ class Hist2ST(SpotModel):
     "encoder" while ``(views + 1) * spots <= max_live_spots``, else runs the views
     sequentially at level "views" ("full" above ``max_live_spots`` spots). Attention is SDPA
     without attention-weight dropout (as the original), so no N x N matrix is stored; the
-    encoder runs channels-last (CPU depthwise-conv backward is ~30x faster).
+    encoder runs channels-last (CPU depthwise-conv backward is ~30x faster). Measured peak
+    of one training step (CPU, paper configuration, with Adam state): 8.0 GB at 300 spots,
+    7.2 GB at 1,000, 17.9 GB at 4,000 (``benchmarks/slide_models.py``).
 
     Deliberate differences from the original code:
       * Pixels in [0, 1] normalised with ImageNet statistics (original: raw 0-255), standard
@@ -177,16 +179,14 @@ class Hist2ST(SpotModel):
       * Size factors divide by the median over spots with non-zero panel counts.
 
     Args:
-        genes: Gene panel. n_genes: Number of genes when names are unknown.
-        patch_size: Patch side in pixels (224). channel: ConvMixer channels (16; multiple of 8).
-        kernel_size: Depthwise kernel (5). patch_kernel: Patch-embedding kernel and stride (7).
+        genes, n_genes: Gene panel (or its size when names are unknown).
+        patch_size, channel, kernel_size, patch_kernel: Patch side (224), ConvMixer channels
+            (16, a multiple of 8), depthwise kernel (5), patch-embedding kernel/stride (7).
         depth1, depth2, depth3: ConvMixer blocks, transformer blocks, GraphSAGE layers.
-        heads, dim_head: Attention heads and width per head.
-        dropout: Dropout (patch embedding, transformer projections and MLP).
+        heads, dim_head, dropout: Attention heads, width per head, dropout rate.
         n_pos: Rows of the x/y position tables (array coordinates must be below it).
-        zinb_weight: Weight of the ZINB loss (0 removes the ZINB heads).
-        distill_weight: Weight of the distillation loss.
-        distill_views: Augmented views per step (0 removes distillation and its MLP).
+        zinb_weight, distill_weight: Loss weights (``zinb_weight=0`` drops the ZINB heads).
+        distill_views: Augmented views per step (0 drops distillation and its MLP).
         distill_mode: ``"auto"``, ``"batched"`` or ``"sequential"``.
         aug_per_spot: Draw augmentations per spot instead of per view.
         max_live_spots: Spot-views whose activations may be kept at once (auto choices).
