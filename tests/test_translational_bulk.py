@@ -155,3 +155,9 @@ def test_patient_correlation_follows_the_paper():
     assert summ["n"] == 3 and summ["mean"] == pytest.approx(out["r"].mean())
     with pytest.raises(ValueError, match="no sample appears"):
         patient_correlation(pred.rename(index=str.upper), bulk)
+    # TCGA slide barcodes meet RNA-seq sample barcodes through the patient
+    slides = pred.set_axis([f"TCGA-A1-000{i}-01Z-00-DX1" for i in range(3)])
+    samples = bulk.set_axis([f"TCGA-A1-000{i}-01A" for i in range(3)])
+    by_patient = patient_correlation(slides, samples, key="patient")
+    assert list(by_patient.index) == [f"TCGA-A1-000{i}" for i in range(3)]
+    np.testing.assert_allclose(by_patient["r"], out.loc[pred.index, "r"])

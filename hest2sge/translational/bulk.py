@@ -287,6 +287,7 @@ def patient_correlation(
     bulk,
     min_log_bulk: float = 5.0,
     min_genes: int = 3,
+    key: str = "sample",
 ):
     """Patient-level correlation (SPEC.md section 6) for every sample in both tables.
 
@@ -299,6 +300,9 @@ def patient_correlation(
             matched to ``pred`` by index.
         min_log_bulk: The gene filter (the paper's 5).
         min_genes: Samples with fewer passing genes get NaN (with a warning).
+        key: ``"sample"``: rows matched by their exact index; ``"patient"``: both indices
+            reduced to the TCGA patient (``TCGA-XX-XXXX``, so a slide barcode meets its RNA-seq
+            sample barcode) and rows of one patient averaged first.
 
     Returns:
         ``pandas.DataFrame`` indexed by sample: ``r``, ``p_value`` (two-sided), ``n_genes``.
@@ -306,6 +310,13 @@ def patient_correlation(
     import pandas as pd
     from scipy import stats
 
+    if key not in ("sample", "patient"):
+        raise ValueError(f"key must be 'sample' or 'patient', got {key!r}")
+    if key == "patient":
+        from hest2sge.translational.survival import patient_key
+
+        pred = pred.groupby([patient_key(i) for i in pred.index], sort=False).mean()
+        bulk = bulk.groupby([patient_key(i) for i in bulk.index], sort=False).mean()
     samples = [s for s in pred.index if s in set(bulk.index)]
     if not samples:
         raise ValueError(
