@@ -79,6 +79,17 @@ def test_low_res_image_from_array_jpeg_and_pyramid(tmp_path):
     with pytest.raises(FileNotFoundError):
         low_res_image(tmp_path / "missing.jpg")
 
+    class Reader:  # the lazy-reader protocol: thumbnail(downsample) -> (array, downsample)
+        dimensions, mpp = (1920, 1600), 0.5
+
+        def thumbnail(self, downsample):
+            k = int(downsample // 2)
+            return img[::k, ::k], float(k)
+
+    got = low_res_image(Reader(), work_mpp=8.0)
+    assert got.shape == (100, 120, 3)
+    np.testing.assert_allclose(got.mean((0, 1)), small.mean((0, 1)), atol=3)
+
 
 def test_pca_and_pc1_vs_correlation(tmp_path):
     from sklearn.decomposition import PCA

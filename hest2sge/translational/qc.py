@@ -74,8 +74,9 @@ def low_res_image(
     Args:
         source: An RGB array (used at its own resolution when ``mpp`` is None), an image path
             (pyramidal TIFF/SVS/NDPI/MRXS through tiffslide or openslide; JPEG/PNG through PIL,
-            JPEG decoded at reduced size), or a reader with ``get_thumbnail((w, h))``
-            (OpenSlide / TiffSlide objects).
+            JPEG decoded at reduced size), a reader with ``get_thumbnail((w, h))``
+            (OpenSlide / TiffSlide objects), or one with ``thumbnail(downsample)``,
+            ``dimensions`` and ``mpp`` (hest2sge's lazy whole-slide readers).
         mpp: Micrometres per pixel of ``source``'s full resolution, if known (read from the
             slide's metadata for pyramidal files when not given).
         work_mpp: Target resolution (HistoQC's 1.25x is about 8 µm/px).
@@ -90,6 +91,14 @@ def low_res_image(
         return _resize(arr, factor)
     if hasattr(source, "get_thumbnail") and hasattr(source, "dimensions"):
         return _thumbnail_from_reader(source, mpp, work_mpp, max_side, "reader")
+    if hasattr(source, "thumbnail") and hasattr(source, "dimensions"):
+        # hest2sge's lazy readers: ``thumbnail(downsample) -> (array, downsample used)``
+        w, h = (int(v) for v in source.dimensions)
+        mpp = mpp or getattr(source, "mpp", None)
+        factor = max(work_mpp / mpp if mpp else max(w, h) / max_side, 1.0)
+        thumb = source.thumbnail(factor)
+        arr = _as_rgb(thumb[0] if isinstance(thumb, tuple) else thumb, "reader")
+        return _resize(arr, arr.shape[1] / max(1, round(w / factor)))
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected an RGB array, an image path or an OpenSlide-like reader, got "
                         f"{type(source).__name__}")

@@ -382,6 +382,9 @@ def analyze_cohort(
         raise ValueError(f"cohort {cohort!r}: {len(common)} patients with both features and "
                          f"clinical data; need at least {2 * folds} for {folds}-fold CV")
     x = features.loc[common].astype(np.float64)
+    if not np.isfinite(x.to_numpy()).all():
+        bad = x.columns[~np.isfinite(x.to_numpy()).all(0)][:5].tolist()
+        raise ValueError(f"cohort {cohort!r}: features have NaN or infinite values (genes {bad})")
     if log:
         if (x.to_numpy() < 0).any():
             raise ValueError("log=True needs non-negative features (bulk counts)")
