@@ -1,24 +1,21 @@
 """Translational analysis (the benchmark paper's TCGA half): pseudobulk vs bulk RNA-seq,
-image quality (HistoQC colour metrics) and survival (lifelines Cox models).
-
-Submodules are imported on first use, so ``import hest2sge.translational`` stays fast.
-"""
+image quality (HistoQC colour metrics) and survival (lifelines Cox models). Names are imported
+on first use."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_LAZY = {
+_EXPORTS = {
     # bulk.py: pseudobulk, GDC STAR reader, patient-level correlation
     "pseudobulk": "bulk",
     "read_star_counts": "bulk",
     "read_star_counts_dir": "bulk",
     "patient_correlation": "bulk",
     "summarize_correlation": "bulk",
-    # qc.py: HistoQC colour metrics
+    # qc.py: HistoQC colour metrics (its tissue mask stays qc.tissue_mask)
     "color_metrics": "qc",
-    "tissue_mask": "qc",
     "low_res_image": "qc",
     "qc_table": "qc",
     "qc_pca": "qc",
@@ -34,12 +31,12 @@ _LAZY = {
     "logrank": "survival",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"hest2sge.translational.{_LAZY[name]}"), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"hest2sge.translational.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hest2sge.translational' has no attribute {name!r}")
