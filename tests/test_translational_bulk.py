@@ -161,3 +161,21 @@ def test_patient_correlation_follows_the_paper():
     by_patient = patient_correlation(slides, samples, key="patient")
     assert list(by_patient.index) == [f"TCGA-A1-000{i}" for i in range(3)]
     np.testing.assert_allclose(by_patient["r"], out.loc[pred.index, "r"])
+
+
+def test_pseudobulk_of_predict_output(tmp_path):
+    """The AnnData ``hest2sge.predict`` returns goes straight into pseudobulk (stnet scale)."""
+    import hest2sge
+    from hest2sge.data import synthetic_slides
+
+    slide = synthetic_slides(n_patients=1, slides_per_patient=1, grid=(4, 4), n_genes=6,
+                             spot_pitch_px=32, seed=0)[0]
+    model = hest2sge.load("stnet", genes=list(slide.var_names), pretrained=False,
+                          backbone="test_resnet", patch_size=32)
+    pred = hest2sge.predict(model, slide, cache_dir=tmp_path)
+    pb = pseudobulk(pred)
+    sid = str(slide.obs["slide_id"].iloc[0])
+    assert list(pb.index) == [sid] and pb.attrs["n_tiles"] == {sid: slide.n_obs}
+    np.testing.assert_allclose(pb.loc[sid], np.exp(pred.layers["pred"]).mean(0) * 1e4,
+                               rtol=1e-5)
+    assert "per 10000" in pb.attrs["units"]
