@@ -117,6 +117,8 @@ def test_clinical_table_accepts_tcga_fields():
     out = sv.clinical_table(cdr)
     assert list(out.index) == ["TCGA-A1-A0SB", "TCGA-A1-A0SD"]
     assert out["time"].tolist() == [1.0, 2.0] and out["event"].tolist() == [1, 0]
+    words = sv.clinical_table(pd.DataFrame({"time": [1.0, 2.0], "event": ["Dead", "Alive"]}))
+    assert words["event"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="negative survival times"):
         sv.clinical_table(pd.DataFrame({"time": [-1.0, 2.0], "event": [1, 0]}))
     with pytest.raises(ValueError, match="needs 'time' and 'event'"):

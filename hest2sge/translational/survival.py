@@ -83,6 +83,16 @@ def _status(v: Any) -> float:
     return np.nan
 
 
+def _event(v: Any) -> float:
+    """Event flag: 1/0, True/False, or a vital status (Dead/Alive)."""
+    s = str(v).strip().lower()
+    if s in ("dead", "deceased"):
+        return 1.0
+    if s in ("alive", "living"):
+        return 0.0
+    return _status(v)
+
+
 def subtype_from_receptors(er: Any, pr: Any, her2: Any) -> str | float:
     """Breast-cancer subtype from receptor status (``Positive``/``Negative``/...).
 
@@ -143,10 +153,10 @@ def clinical_table(df, id_column: str | None = None, time_unit: str = "years"):
     if tcol is not None and ecol is not None:
         scale = {"years": 1.0, "days": 1.0 / DAYS_PER_YEAR, "months": 1.0 / 12.0}[time_unit]
         time = pd.to_numeric(df[tcol], errors="coerce").to_numpy(dtype=np.float64) * scale
-        event = np.array([_status(v) for v in df[ecol]])
+        event = np.array([_event(v) for v in df[ecol]])
     elif "os.time" in cols and "os" in cols:
         time = pd.to_numeric(df[cols["os.time"]], errors="coerce").to_numpy(float) / DAYS_PER_YEAR
-        event = np.array([_status(v) for v in df[cols["os"]]])
+        event = np.array([_event(v) for v in df[cols["os"]]])
     else:
         vcol, dcol = _find(cols, _VITAL), _find(cols, _DEATH)
         fcol = _find(cols, _FOLLOW)
