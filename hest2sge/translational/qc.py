@@ -157,7 +157,14 @@ def _flat_thumbnail(path: Path, mpp, work_mpp, max_side) -> np.ndarray:
     if path.suffix.lower() in (".jpg", ".jpeg"):
         Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as im:
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(
+                f"{path}: {exc}; convert it to a pyramidal TIFF, or raise "
+                "PIL.Image.MAX_IMAGE_PIXELS if the machine has the memory to decode it"
+            ) from exc
+        with im:
             w, h = im.size
             factor = work_mpp / mpp if mpp else max(w, h) / max_side
             factor = max(factor, 1.0)
