@@ -25,6 +25,8 @@ from hest2sge.data.slide import (
     REQUIRED_OBS,
     SlideError,
     SlideImage,
+    add_scverse_images,
+    load_image_array,
     make_slide,
     slide_id_of,
     spatial_entry,
@@ -251,7 +253,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 def read_legacy_st(
     counts_path: PathLike,
     spots_path: PathLike,
-    image_path: PathLike,
+    image_path: PathLike | None,
     slide_id: str,
     patient_id: str,
     source: str = "legacy_st",
@@ -263,7 +265,8 @@ def read_legacy_st(
             positions (first column unnamed), columns gene symbols.
         spots_path: Spot file with columns ``x, y, pixel_x, pixel_y`` and optionally
             ``selected`` (tab or comma separated).
-        image_path: The H&E image of the section.
+        image_path: The H&E image of the section (None: an expression-only slide, e.g. for
+            gene panels; it has no image and cannot be cut into patches).
         slide_id: Identifier of the section.
         patient_id: Identifier of the patient.
         source: Name recorded in the slide metadata.
@@ -276,10 +279,11 @@ def read_legacy_st(
     import pandas as pd
     import scipy.sparse as sp
 
-    counts_path, spots_path, image_path = Path(counts_path), Path(spots_path), Path(image_path)
+    counts_path, spots_path = Path(counts_path), Path(spots_path)
     _require(counts_path, f"counts file of section {slide_id!r}")
     _require(spots_path, f"spot file of section {slide_id!r}")
-    _require(image_path, f"image of section {slide_id!r}")
+    if image_path is not None:
+        image_path = _require(Path(image_path), f"image of section {slide_id!r}")
 
     counts = pd.read_csv(counts_path, sep="\t", index_col=0)
     counts.index = counts.index.astype(str).str.strip()
@@ -334,7 +338,7 @@ def read_legacy_st(
             f"section {slide_id!r}: no two spots are adjacent on the array; pixel size unknown",
             stacklevel=2,
         )
-    width, height = _image_size(image_path)
+    width, height = _image_size(image_path) if image_path is not None else (None, None)
     metadata = {
         "source": source,
         "counts_file": str(counts_path),
@@ -347,10 +351,10 @@ def read_legacy_st(
         "dropped_spots": [str(b) for b in list(counts_only) + list(spots_only)],
         "pixel_size_method": f"median pixel distance of array-adjacent spots = "
         f"{ST_SPOT_PITCH_UM:g} um",
-        "image_width": width,
-        "image_height": height,
         "st_technology": "Spatial Transcriptomics",
     }
+    if image_path is not None:
+        metadata.update(image_file=str(image_path), image_width=width, image_height=height)
     x = sp.csr_matrix(counts.to_numpy(dtype=np.float32))
     return make_slide(
         x,
@@ -390,6 +394,7 @@ def read_her2st(
     root: PathLike,
     sections: Sequence[str] | str | None = None,
     patient_from_section: bool = True,
+    images: bool = True,
 ) -> list[AnnData]:
     """Read HER2+ breast cancer sections in the layout of the almaan/her2st repository.
 
@@ -407,6 +412,9 @@ def read_her2st(
         sections: Section names to read (default: every ``ST-cnts/*.tsv.gz``, sorted).
         patient_from_section: Patient = first letter of the section name (A..H). When False,
             each section is its own patient.
+        images: Read the H&E images. ``False`` reads expression only (no ``ST-imgs/`` needed,
+            e.g. all 36 sections of the counts-only release, for gene panels); such slides
+            have no image.
 
     Returns:
         One slide per section.
@@ -438,7 +446,7 @@ def read_her2st(
         spots = _require(
             root / "ST-spotfiles" / f"{sec}_selection.tsv", f"spot file of section {sec!r}"
         )
-        image = _single_image(root / "ST-imgs" / sec[:1] / sec, sec)
+        image = _single_image(root / "ST-imgs" / sec[:1] / sec, sec) if images else None
         patient = sec[:1] if patient_from_section else sec
         slides.append(read_legacy_st(counts, spots, image, sec, patient, source="her2st"))
     return slides
@@ -643,11 +651,19 @@ def read_visium(
         spot_diameter_fullres=diameter if math.isfinite(diameter) else None,
         extra_obs={"in_tissue": p["in_tissue"].to_numpy()},
         metadata=metadata,
+        scverse_images=False,
     )
     adata.var["gene_ids"] = mtx["gene_ids"]
     adata.var["feature_types"] = mtx["feature_types"]
     entry = spatial_entry(adata)
     entry["scalefactors"].update({k: float(v) for k, v in scalefactors.items()})
+    # scanpy/squidpy images: Space Ranger's own PNGs with their scale factors
+    for res in ("hires", "lowres"):
+        png = spatial_dir / f"tissue_{res}_image.png"
+        if png.exists() and f"tissue_{res}_scalef" in scalefactors:
+            entry["images"][res] = load_image_array(png)
+    if not all(r in entry["images"] for r in ("hires", "lowres")):
+        add_scverse_images(adata)
     return adata
 
 
@@ -792,6 +808,35 @@ def read_h5ad(
         # barcodes often repeat across the sections of one file; checked per section below
         warnings.filterwarnings("ignore", message="Observation names are not unique")
         adata = ad.read_h5ad(path)
+    return slides_from_anndata(adata, slide_id, patient_id, image=image,
+                               require_image=require_image, name=str(path), source_file=path)
+
+
+def slides_from_anndata(
+    adata: AnnData,
+    slide_id: str | None = None,
+    patient_id: str | None = None,
+    *,
+    image: PathLike | None = None,
+    require_image: bool = True,
+    name: str = "AnnData",
+    source_file: PathLike | None = None,
+) -> list[AnnData]:
+    """Contract slides from an in-memory AnnData (see :func:`read_h5ad` for the rules).
+
+    Args:
+        adata: One or several sections.
+        slide_id: Section to keep, or the name of the single section.
+        patient_id: Patient of every section.
+        image: Full-resolution image file (single section only).
+        require_image: Raise when a section has no image.
+        name: How the object is named in error messages.
+        source_file: The file it was read from (relative image paths are resolved there).
+
+    Returns:
+        One slide per section, with scverse ``hires``/``lowres`` images when it has an image.
+    """
+    src = Path(source_file) if source_file is not None else None
     key = next((c for c in ("slide_id", "sample", "library_id") if c in adata.obs), None)
     uns_spatial = adata.uns.get("spatial", {}) if isinstance(adata.uns.get("spatial"), dict) else {}
     if key is None:
@@ -800,7 +845,7 @@ def read_h5ad(
         elif len(uns_spatial) == 1:
             sid = str(next(iter(uns_spatial)))
         else:
-            sid = path.stem
+            sid = src.stem if src is not None else "slide"
         groups = [(sid, np.ones(adata.n_obs, dtype=bool))]
     else:
         labels = adata.obs[key].astype(str).to_numpy()
@@ -808,29 +853,29 @@ def read_h5ad(
         if slide_id is not None:
             if str(slide_id) not in ids:
                 raise SlideError(
-                    f"{path}: no section {slide_id!r} in obs[{key!r}]; sections: {ids[:20]}"
+                    f"{name}: no section {slide_id!r} in obs[{key!r}]; sections: {ids[:20]}"
                 )
             ids = [str(slide_id)]
         groups = [(sid, labels == sid) for sid in ids]
     if image is not None and len(groups) > 1:
-        raise SlideError(f"{path}: image= applies to a single section, found {len(groups)}")
+        raise SlideError(f"{name}: image= applies to a single section, found {len(groups)}")
 
     slides = []
     for sid, mask in groups:
-        name = f"{path} section {sid!r}"
+        where = f"{name} section {sid!r}"
         sub = adata[mask].copy() if not mask.all() else adata
         if not sub.obs_names.is_unique:
             dup = sub.obs_names[sub.obs_names.duplicated()][:5].tolist()
-            raise SlideError(f"{name}: duplicated barcodes {dup} within one section")
+            raise SlideError(f"{where}: duplicated barcodes {dup} within one section")
         patient = str(patient_id) if patient_id is not None else _single_value(
             sub, ("patient_id", "patient")
         )
         if patient is None:
             warnings.warn(
-                f"{name}: no obs 'patient_id'/'patient' and no patient_id given; using the "
+                f"{where}: no obs 'patient_id'/'patient' and no patient_id given; using the "
                 "slide id as patient id (patient-grouped splits then treat each section as "
                 "its own patient)",
-                stacklevel=2,
+                stacklevel=3,
             )
             patient = sid
         entry = uns_spatial.get(sid)
@@ -843,11 +888,11 @@ def read_h5ad(
         img_arr = None
         scale = 1.0
         if image is not None:
-            img_path = _require(Path(image), f"image of {name}")
+            img_path = _require(Path(image), f"image of {where}")
         elif entry.get("image_path"):
             img_path = Path(str(entry["image_path"]))
-            if not img_path.is_absolute() and not img_path.exists():
-                img_path = path.parent / img_path
+            if not img_path.is_absolute() and not img_path.exists() and src is not None:
+                img_path = src.parent / img_path
             scale = _float_or_nan(entry.get("image_scale", 1.0))
         elif "fullres" in images:
             img_arr, scale = np.asarray(images["fullres"]), _float_or_nan(
@@ -861,12 +906,18 @@ def read_h5ad(
             scale = _float_or_nan(scalefactors["tissue_lowres_scalef"])
         if img_path is None and img_arr is None and require_image:
             raise SlideError(
-                f"{name}: no image found in uns['spatial'] (image_path, or images 'hires' "
+                f"{where}: no image found in uns['spatial'] (image_path, or images 'hires' "
                 "with scalefactors 'tissue_hires_scalef'); pass image=<path> or "
                 "require_image=False"
             )
         if not scale > 0:
-            raise SlideError(f"{name}: invalid image scale {scale}")
+            raise SlideError(f"{where}: invalid image scale {scale}")
+        if image is not None:  # scale factors of the scanpy images do not apply to this image
+            scalefactors = {k: v for k, v in scalefactors.items()
+                            if not (k.startswith("tissue_") and k.endswith("_scalef"))}
+        meta = dict(entry.get("metadata", {}) or {})
+        if src is not None:
+            meta["source_file"] = str(src)
         slide = _conform(
             sub,
             slide_id=sid,
@@ -877,8 +928,8 @@ def read_h5ad(
             pixel_size_um=_float_or_nan(entry.get("pixel_size_um")),
             spot_diameter_fullres=_float_or_nan(scalefactors.get("spot_diameter_fullres")),
             scalefactors=scalefactors,
-            metadata={**dict(entry.get("metadata", {}) or {}), "source_file": str(path)},
-            name=name,
+            metadata=meta,
+            name=where,
         )
         validate_slide(slide, require_image=require_image)
         slides.append(slide)
