@@ -102,8 +102,8 @@ def paper_gene_panel(train_slides: Sequence, n_top: int = 1000, min_spots: int =
     expressed (count > 0) in at least ``min_spots`` spots across those sections.
 
     What it reproduces, measured on all 36 HER2+ sections (her2st counts, 13,620 selected
-    spots, 11,871 genes common to all sections) with the defaults: **6,673 genes**, containing
-    769 of the 785 published genes, **Jaccard 0.115** against the published ``her2st_785``
+    spots, 11,871 genes common to all sections) with the defaults: **6,669 genes**, containing
+    770 of the 785 published genes, **Jaccard 0.115** against the published ``her2st_785``
     panel. It does *not* reproduce that panel (its HVG procedure is unpublished; scanpy's
     other flavours, per section or pooled, with or without ``batch_key``, give Jaccard
     <= 0.17). For the HER2+ benchmark use the published list, ``genes="her2st_785"``
