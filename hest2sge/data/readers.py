@@ -1,4 +1,4 @@
-"""Readers for spatial transcriptomics slides: legacy ST (HER2+), Visium, HEST-1k and h5ad.
+"""Readers for spatial transcriptomics slides: legacy ST (HER2+, cSCC), Visium, HEST-1k and h5ad.
 
 Every reader returns one AnnData per tissue section following the slide contract of
 :mod:`hest2sge.data.slide` (``validate_slide`` passes). Images are never decoded here: slides
@@ -439,6 +439,84 @@ def read_her2st(
         image = _single_image(root / "ST-imgs" / sec[:1] / sec, sec) if images else None
         patient = sec[:1] if patient_from_section else sec
         slides.append(read_legacy_st(counts, spots, image, sec, patient, source="her2st"))
+    return slides
+
+
+_CSCC_COUNTS = re.compile(r"^(?:GSM\d+_)?(?P<name>.+?)_stdata\.tsv(?:\.gz)?$")
+
+
+def _one_match(folder: Path, patterns: Sequence[str], what: str, name: str) -> Path | None:
+    found = sorted({p for pat in patterns for p in folder.glob(pat)})
+    if len(found) > 1:
+        raise SlideError(
+            f"several {what} files for section {name!r} in {folder}: {[p.name for p in found]}"
+        )
+    return found[0] if found else None
+
+
+def read_cscc(
+    root: PathLike,
+    sections: Sequence[str] | str | None = None,
+    images: bool = True,
+) -> list[AnnData]:
+    """Read cutaneous squamous cell carcinoma sections as published on GEO (GSE144240).
+
+    Ji et al., Cell 2020: legacy Spatial Transcriptomics of patients P2, P5, P9 and P10, three
+    replicate sections each (``P2_ST_rep1`` ...). The series' supplementary files, unpacked in
+    one folder (``GSE144240_RAW/``), are per section ``<GSM>_<section>_stdata.tsv[.gz]``
+    (counts: spots ``"XxY"`` x genes), ``<GSM>_spot_data-all-<section>.tsv[.gz]`` (spot
+    detector table) and ``<GSM>_<section>.jpg`` (H&E); the GSM prefix may be absent. Each
+    section is read by the legacy-ST reader :func:`read_legacy_st` (same rules as HER2+).
+
+    Args:
+        root: The folder holding the files.
+        sections: Section names (default: every ``*_stdata.tsv[.gz]`` found, natural order).
+        images: Read the H&E images (``False``: expression only).
+
+    Returns:
+        One slide per section; ``patient_id`` is the part before ``_ST`` (``"P2"``).
+
+    Raises:
+        FileNotFoundError: naming the file pattern looked for when a section's file is missing
+            (a gzipped image must be unpacked first).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"cSCC folder not found: {root} (expected the unpacked "
+                                "GSE144240_RAW files)")
+    found = {}
+    for p in root.iterdir():
+        m = _CSCC_COUNTS.match(p.name)
+        if m:
+            found.setdefault(m["name"], []).append(p)
+    if sections is None:
+        sections = sorted(found, key=_natural_key)
+        if not sections:
+            raise FileNotFoundError(f"no <section>_stdata.tsv[.gz] counts files in {root}")
+    elif isinstance(sections, str):
+        sections = [sections]
+    slides = []
+    for name in sections:
+        counts = _one_match(root, (f"{name}_stdata.tsv*", f"GSM*_{name}_stdata.tsv*"),
+                            "counts", name)
+        if counts is None:
+            raise FileNotFoundError(f"counts file of section {name!r} not found in {root} "
+                                    f"(looked for [GSM*_]{name}_stdata.tsv[.gz])")
+        spots = _one_match(root, (f"*spot_data-all-{name}.tsv*",), "spot", name)
+        if spots is None:
+            raise FileNotFoundError(f"spot file of section {name!r} not found in {root} "
+                                    f"(looked for [GSM*_]spot_data-all-{name}.tsv[.gz])")
+        image = None
+        if images:
+            image = _one_match(root, (f"{name}.jpg", f"GSM*_{name}.jpg", f"{name}.jpeg",
+                                      f"GSM*_{name}.jpeg"), "image", name)
+            if image is None:
+                gz = sorted(root.glob(f"*{name}.jp*g.gz"))
+                hint = f"; unpack {gz[0].name} first (gunzip)" if gz else ""
+                raise FileNotFoundError(f"image of section {name!r} not found in {root} "
+                                        f"(looked for [GSM*_]{name}.jpg){hint}")
+        patient = name.split("_ST")[0] if "_ST" in name else name.split("_")[0]
+        slides.append(read_legacy_st(counts, spots, image, name, patient, source="cscc"))
     return slides
 
 
