@@ -141,3 +141,25 @@ def test_as_slide_from_scanpy_style_anndata(visium_root):
     assert "hires" not in expr_only.uns["spatial"]["s9"]["images"]
     with pytest.raises(hest2sge.data.SlideError, match="no image"):
         as_slide(bare, slide_id="s9", patient_id="p")
+
+
+def test_h5ad_round_trip_keeps_scverse_images_without_decoding(tmp_path, visium, monkeypatch):
+    path = tmp_path / "v.h5ad"
+    visium.write_h5ad(path)
+    import hest2sge.data.slide as S
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("the image was decoded again")
+
+    monkeypatch.setattr(S, "read_thumbnail", no_decode)
+    (back,) = hest2sge.data.read_h5ad(path)
+    a, b = (s.uns["spatial"][slide_id_of(s)] for s in (visium, back))
+    for k in ("hires", "lowres"):
+        np.testing.assert_array_equal(a["images"][k], b["images"][k])
+        assert a["scalefactors"][f"tissue_{k}_scalef"] == b["scalefactors"][f"tissue_{k}_scalef"]
+    _check_scverse(back, _variable_gene(back), grid_neighbours=6)
+
+
+@pytest.fixture
+def visium(visium_root):
+    return hest2sge.data.read_visium(visium_root)

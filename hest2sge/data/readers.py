@@ -1000,7 +1000,17 @@ def slides_from_anndata(
             scalefactors=scalefactors,
             metadata=meta,
             name=where,
+            scverse_images=False,
         )
+        new_entry = spatial_entry(slide)
+        if image is None and all(k in images and f"tissue_{k}_scalef" in scalefactors
+                                 for k in ("hires", "lowres")):
+            for k in ("hires", "lowres"):  # the file's own scanpy images: not decoded again
+                new_entry["images"][k] = np.asarray(images[k])
+                new_entry["scalefactors"][f"tissue_{k}_scalef"] = _float_or_nan(
+                    scalefactors[f"tissue_{k}_scalef"])
+        else:
+            add_scverse_images(slide)
         validate_slide(slide, require_image=require_image)
         slides.append(slide)
     return slides
