@@ -14,7 +14,9 @@ through this module, as one HDF5 file per (slide, parameters):
 * **content-checked**: every dataset carries a BLAKE2b checksum of its bytes, recomputed each
   time the file is opened through :func:`open_cached`; a file whose bytes changed (bit rot,
   a partial copy, random bytes written into it) or that cannot be read is never served: it is
-  reported with a ``UserWarning`` and rebuilt.
+  reported with a ``UserWarning`` and rebuilt. Within one process a file already verified is
+  not hashed again while its identity is unchanged (device, inode, size, mtime and ctime: any
+  write to the file changes its ctime, which cannot be set back).
 
 File attributes: ``format = "hest2sge.cache"``, ``format_version``, ``kind`` (e.g.
 ``"patches"``), ``fingerprint``, ``complete`` and the caller's own attributes; dataset
@@ -237,6 +239,15 @@ class CacheCorruptedError(OSError):
     """A cache file whose stored bytes do not match their checksum."""
 
 
+#: Files verified in this process: identity -> fingerprint.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 # --------------------------------------------------------------------------------------------
 # writing and opening
 # --------------------------------------------------------------------------------------------
@@ -358,7 +369,8 @@ def open_cached(
             log.info("cache file %s is stale (%s); rebuilding it", path, reason)
             f.close()
             return None
-        if verify:
+        ident = _identity(path)
+        if verify and _VERIFIED.get(ident) != fingerprint:
             for name in f:
                 if not isinstance(f[name], h5py.Dataset):
                     continue
@@ -366,6 +378,7 @@ def open_cached(
                 if stored is None or dataset_checksum(f[name]) != stored:
                     raise CacheCorruptedError(f"the bytes of dataset {name!r} do not match "
                                               "their checksum")
+            _VERIFIED[ident] = fingerprint
         return f
     except Exception as err:
         f.close()

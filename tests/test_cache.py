@@ -170,3 +170,29 @@ def test_extract_features_caches_and_tracks_encoder(tmp_path, capsys):
     changed = F.extract_features(enc, slides[:1], tmp_path, patch_size=PS)
     assert not np.allclose(changed["s1"], feats["s1"])
     assert len(list(tmp_path.glob("*.feat.h5"))) == 3
+
+
+def test_verified_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    s = _slide()
+    P.cached_patches(s, PS, cache_dir=tmp_path).close()
+    calls = []
+    real = C.dataset_checksum
+
+    def counting(dset):
+        calls.append(dset.name)
+        return real(dset)
+
+    monkeypatch.setattr(C, "dataset_checksum", counting)
+    store = P.cached_patches(s, PS, cache_dir=tmp_path)  # first open: every dataset hashed
+    assert sorted(calls) == ["/barcode", "/coords", "/img"]
+    expected = store.load()
+    store.close()
+    calls.clear()
+    P.cached_patches(s, PS, cache_dir=tmp_path).close()
+    assert calls == []  # same file identity: not hashed again
+    st = store.path.stat()
+    _overwrite_dataset_bytes(store.path, "img", np.random.default_rng(7))
+    os.utime(store.path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored, ctime moved
+    with pytest.warns(UserWarning, match="checksum"):
+        again = P.cached_patches(s, PS, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.load(), expected)
