@@ -339,7 +339,9 @@ def read_thumbnail(path: str | os.PathLike, max_side: int) -> tuple[np.ndarray, 
     """A downscaled copy of an image file, without decoding it whole where the format allows.
 
     Pyramidal TIFFs are read from the smallest level still at least ``max_side`` px; JPEGs are
-    decoded at reduced scale (libjpeg DCT scaling); other files are decoded and resized.
+    decoded at reduced scale (libjpeg DCT scaling, at most 1/8: a JPEG is at most 65,535 px a
+    side, so this never decodes more than 8,192 x 8,192 px); other files are decoded whole
+    (:func:`load_image_array`) and resized.
 
     Args:
         path: The image file.
