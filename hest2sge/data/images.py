@@ -547,7 +547,8 @@ def write_pyramidal_tiff(
 
     kw: dict[str, Any] = {"photometric": "rgb", "tile": (tile, tile), "metadata": None}
     if compression == "jpeg":
-        kw["compression"] = ("jpeg", int(quality))
+        kw["compression"] = "jpeg"
+        kw["compressionargs"] = {"level": int(quality)}
     elif compression is not None:
         kw["compression"] = compression
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
