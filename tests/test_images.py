@@ -62,7 +62,7 @@ def test_pyramid_levels_mpp_and_regions(pyramid, backend):
 def test_thumbnail_is_block_mean(pyramid):
     path, img = pyramid
     with I.open_image(path) as wsi:
-        thumb, d = wsi.thumbnail(4.0, band_px=64)
+        thumb, d = wsi.thumbnail(4.0, band_bytes=1 << 16)
     assert d == pytest.approx(4.0)
     ref = I._halve(I._halve(img))
     assert thumb.shape == ref.shape

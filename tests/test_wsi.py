@@ -172,3 +172,22 @@ def test_cli_predict_wsi(slide, tmp_path):
     out = ad.read_h5ad(tmp_path / "pred.h5ad")
     assert out.n_obs > 10 and list(out.var_names) == ["GA", "GB"]
     assert out.uns["hest2sge"]["tile_pixel_size_um"] == 4.0
+
+
+def test_tile_tissue_fraction_and_means_against_brute_force():
+    from hest2sge.translational.wsi import _block_fraction, tile_means
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((37, 53)) < 0.3
+    r_edges, c_edges = np.array([0, 5, 11, 11, 30, 37]), np.array([0, 7, 20, 52, 53])
+    got = _block_fraction(mask, r_edges, c_edges)
+    for i in range(len(r_edges) - 1):
+        for j in range(len(c_edges) - 1):
+            r0, c0 = r_edges[i], c_edges[j]
+            r1, c1 = max(r_edges[i + 1], r0 + 1), max(c_edges[j + 1], c0 + 1)
+            assert got[i, j] == pytest.approx(mask[r0:r1, c0:c1].mean())
+    tiles = rng.integers(0, 256, size=(5, 12, 10, 3), dtype=np.uint8)
+    np.testing.assert_allclose(tile_means(tiles), tiles.reshape(5, -1, 3).mean(1))
+    tiles[2] = 221
+    tiles[3] = 220
+    assert is_white(tiles).tolist() == [False, False, True, False, False]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +173,11 @@ class WholeSlideImage:
         w, h = self.level_dimensions[level]
         return self.read_region(0, 0, w, h, level)
 
-    def thumbnail(self, downsample: float, band_px: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, downsample: float, band_bytes: int = 32 << 20) -> tuple[np.ndarray, float]:
         """The image reduced by about ``downsample``, read band by band (bounded memory).
 
         Reads the level :meth:`best_level_for_downsample` and averages blocks of ``f x f``
-        pixels of it (``f`` the integer factor that remains).
+        pixels of it (``f`` the integer factor that remains), ``band_bytes`` of pixels at a time.
 
         Returns:
             (uint8 array (H', W', 3), the exact level-0 downsample of one thumbnail pixel).
@@ -186,12 +188,15 @@ class WholeSlideImage:
         lw, lh = self.level_dimensions[level]
         tw, th = max(lw // f, 1), max(lh // f, 1)
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        rows = max(band_px // f, 1)
+        rows = max(int(band_bytes // (3 * tw * f * f * 4)), 1)  # thumbnail rows per band
         for r0 in range(0, th, rows):
             r1 = min(r0 + rows, th)
             band = self.read_region(0, r0 * f, tw * f, (r1 - r0) * f, level)
-            band = band.reshape(r1 - r0, f, tw, f, 3).mean(axis=(1, 3))
-            out[r0:r1] = np.round(band).astype(np.uint8)
+            if f == 1:
+                out[r0:r1] = band
+                continue
+            acc = band.reshape(r1 - r0, f, tw, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+            out[r0:r1] = ((acc + (f * f) // 2) // (f * f)).astype(np.uint8)
         return out, d * f
 
     def close(self) -> None:
@@ -335,11 +340,59 @@ class TiffImage(WholeSlideImage):
             if self._planar:
                 self._lead -= 1
             self.mpp = _tiff_mpp(self._tif)
+            # Tiled, interleaved single-page levels are decoded tile by tile directly (faster
+            # than the zarr store, with a small cache of decoded tiles); others use zarr.
+            self._pages: list[Any] = []
+            for lev in levels:
+                page = lev.pages[0] if len(lev.pages) == 1 else None
+                ok = (page is not None and self._lead == 0 and not self._planar
+                      and getattr(page, "is_tiled", False) and page.planarconfig == 1
+                      and page.tiledepth == 1 and page.dtype == np.uint8)
+                self._pages.append(page if ok else None)
+            self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+            self._lock = threading.Lock()
         except BaseException:
             self._tif.close()
             raise
 
+    #: Decoded tiles kept (LRU); 64 tiles of 256 x 256 RGB are 12 MB.
+    cache_tiles = 64
+
+    def _tile(self, level: int, page: Any, index: int) -> np.ndarray:
+        key = (level, index)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self._cache.move_to_end(key)
+            return tile
+        with self._lock:
+            fh = self._tif.filehandle
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        if not data:  # sparse tile: nothing stored
+            tile = np.zeros((page.tilelength, page.tilewidth, page.samplesperpixel), np.uint8)
+        else:
+            seg = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = np.asarray(seg).reshape(page.tilelength, page.tilewidth, -1)
+        self._cache[key] = tile
+        if len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self._pages[level]
+        if page is not None:
+            tw, th = page.tilewidth, page.tilelength
+            per_row = -(-page.imagewidth // tw)
+            out = np.empty((h, w, page.samplesperpixel), dtype=np.uint8)
+            for ty in range(y // th, (y + h - 1) // th + 1):
+                for tx in range(x // tw, (x + w - 1) // tw + 1):
+                    tile = self._tile(level, page, ty * per_row + tx)
+                    y0, x0 = max(y, ty * th), max(x, tx * tw)
+                    y1, x1 = min(y + h, (ty + 1) * th), min(x + w, (tx + 1) * tw)
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
+                        y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
+                    ]
+            return _to_rgb(out, self.path)
         a = self._arrays[level]
         idx = (0,) * self._lead
         if self._planar:

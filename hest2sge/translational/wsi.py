@@ -86,13 +86,26 @@ def tissue_mask(
     return mask
 
 
-def is_white(tiles: np.ndarray, white: float = WHITE_RGB) -> np.ndarray:
+def tile_means(tiles: np.ndarray) -> np.ndarray:
+    """Mean R, G, B of each uint8 (N, H, W, 3) tile, as float64 (N, 3)."""
+    n, h, w = tiles.shape[:3]
+    if n == 0:
+        return np.zeros((0, 3))
+    # rows first, then columns: contiguous reductions, ~10x faster than one strided mean
+    s = tiles.reshape(n, h, w * 3).sum(axis=1, dtype=np.uint32).reshape(n, w, 3)
+    return s.sum(axis=1, dtype=np.uint64) / float(h * w)
+
+
+def is_white(tiles: np.ndarray, white: float = WHITE_RGB,
+             means: np.ndarray | None = None) -> np.ndarray:
     """Per tile: whether the sum of its mean R, G, B exceeds ``3 * white`` (the paper's rule).
 
     Args:
         tiles: uint8 (N, P, P, 3).
+        white: Threshold per channel (paper: 220).
+        means: Precomputed :func:`tile_means`.
     """
-    means = tiles.reshape(len(tiles), -1, 3).mean(axis=1, dtype=np.float64)
+    means = tile_means(tiles) if means is None else means
     return means.sum(axis=1) > 3.0 * float(white)
 
 
@@ -110,13 +123,36 @@ def _n_pos(model: Any) -> int | None:
     return min(sizes) if sizes else None
 
 
-def _scverse_images(thumb: np.ndarray) -> dict[str, np.ndarray]:
+def _block_fraction(mask: np.ndarray, r_edges: np.ndarray, c_edges: np.ndarray) -> np.ndarray:
+    """Fraction of True pixels of ``mask`` in each block between consecutive edges (a block of
+    zero extent counts the single mask pixel at its edge)."""
+    r0, c0 = r_edges[:-1], c_edges[:-1]
+    r1 = np.minimum(np.maximum(r_edges[1:], r0 + 1), mask.shape[0])
+    c1 = np.minimum(np.maximum(c_edges[1:], c0 + 1), mask.shape[1])
+    frac = np.zeros((len(r0), len(c0)), dtype=np.float64)
+    for i in range(len(r0)):  # one band of tile rows at a time: memory ~ one mask row band
+        if r1[i] <= r0[i]:
+            continue
+        col = mask[r0[i]:r1[i]].sum(axis=0, dtype=np.int32)
+        cs = np.concatenate([[0], np.cumsum(col, dtype=np.int64)])
+        ok = c1 > c0
+        frac[i, ok] = (cs[c1[ok]] - cs[c0[ok]]) / ((r1[i] - r0[i]) * (c1[ok] - c0[ok]))
+    return frac
+
+
+def _scverse_images(thumb: np.ndarray) -> tuple[dict[str, np.ndarray], float, float]:
+    """``hires`` (at most 2000 px) and ``lowres`` (at most 600 px) copies of the thumbnail,
+    with their scale relative to it."""
     from hest2sge.data.images import _halve
 
-    low = thumb
+    hires = thumb
+    while max(hires.shape[:2]) > 2000 and min(hires.shape[:2]) >= 2:
+        hires = _halve(hires)
+    low = hires
     while max(low.shape[:2]) > 600 and min(low.shape[:2]) >= 2:
         low = _halve(low)
-    return {"hires": thumb, "lowres": low}
+    return ({"hires": hires, "lowres": low}, hires.shape[1] / thumb.shape[1],
+            low.shape[1] / thumb.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,17 +289,12 @@ def predict_wsi(
                 f"(every pixel is whiter than RGB ({white:g}, {white:g}, {white:g}) or "
                 f"unsaturated, saturation < {min_saturation:g})"
             )
-        integ = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        # tissue fraction per tile: sums of mask pixels over each tile's footprint
         r_edges = np.clip(np.round(np.arange(n_rows + 1) * step0 / dm).astype(int), 0,
                           mask.shape[0])
         c_edges = np.clip(np.round(np.arange(n_cols + 1) * step0 / dm).astype(int), 0,
                           mask.shape[1])
-        r0, r1 = r_edges[:-1], np.maximum(r_edges[1:], r_edges[:-1] + 1).clip(max=mask.shape[0])
-        c0, c1 = c_edges[:-1], np.maximum(c_edges[1:], c_edges[:-1] + 1).clip(max=mask.shape[1])
-        tissue = (integ[r1[:, None], c1[None, :]] - integ[r0[:, None], c1[None, :]]
-                  - integ[r1[:, None], c0[None, :]] + integ[r0[:, None], c0[None, :]])
-        area = np.maximum((r1 - r0)[:, None] * (c1 - c0)[None, :], 1)
-        frac = tissue / area
+        frac = _block_fraction(mask, r_edges, c_edges)
         rows, cols = np.nonzero(frac >= min_tissue)
         if len(rows) == 0:
             raise WSIError(f"no tile of {path} covers {min_tissue:.0%} of tissue "
@@ -316,12 +347,14 @@ def predict_wsi(
                 for grp in groups:
                     sub = [grp[i:i + batch_size] for i in range(0, len(grp), batch_size)] \
                         if mode == "slide" else [grp]
-                    tiles_parts, idx_parts = [], []
+                    tiles_parts, idx_parts, rgb_parts = [], [], []
                     for part in sub:
                         tiles = read_tiles(part)
-                        white_mask = is_white(tiles, white)
+                        means = tile_means(tiles)
+                        white_mask = is_white(tiles, white, means)
                         n_white += int(white_mask.sum())
                         tiles, part = tiles[~white_mask], part[~white_mask]
+                        rgb_parts.append(means[~white_mask])
                         if normalizer is not None and len(tiles):
                             tiles = normalizer(tiles)
                         tiles_parts.append(tiles)
@@ -336,7 +369,7 @@ def predict_wsi(
                     pred = _forward(model, tiles, idx, rows, cols, step0, win, keep_uint8, dev)
                     preds.append(pred)
                     kept_idx.append(idx)
-                    mean_rgb.append(tiles.reshape(len(tiles), -1, 3).mean(1))
+                    mean_rgb.append(np.concatenate(rgb_parts))
         finally:
             if bar is not None:
                 bar.close()
@@ -373,13 +406,14 @@ def predict_wsi(
     out.var_names = genes
     out.layers["pred"] = pred
     out.obsm["spatial"] = centres
+    imgs, hi_scale, lo_scale = _scverse_images(thumb)
+    del thumb, mask
     out.uns["spatial"] = {
         sid: {
-            "images": _scverse_images(thumb),
+            "images": imgs,
             "scalefactors": {
-                "tissue_hires_scalef": 1.0 / dm,
-                "tissue_lowres_scalef": 1.0 / dm * _scverse_images(thumb)["lowres"].shape[1]
-                / thumb.shape[1],
+                "tissue_hires_scalef": hi_scale / dm,
+                "tissue_lowres_scalef": lo_scale / dm,
                 "spot_diameter_fullres": float(step0),
             },
             "metadata": {"source_image_path": str(path)},
