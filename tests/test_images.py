@@ -158,3 +158,19 @@ def test_resolution_from_metadata(tmp_path):
     assert I.open_image(tmp_path / "c.tif").mpp == pytest.approx(0.252)
     tifffile.imwrite(tmp_path / "d.tif", img, photometric="rgb", metadata=None)
     assert I.open_image(tmp_path / "d.tif").mpp is None
+
+
+def test_stripped_and_grayscale_tiffs_read_through_zarr(tmp_path):
+    import tifffile
+
+    img = _texture(300, 200)
+    tifffile.imwrite(tmp_path / "strips.tif", img, photometric="rgb", rowsperstrip=16,
+                     compression="zlib")
+    with I.open_image(tmp_path / "strips.tif") as wsi:
+        assert wsi._pages == [None]  # not tiled: the zarr path
+        np.testing.assert_array_equal(wsi.read_region(50, 100, 120, 90), img[100:190, 50:170])
+    gray = img[..., 0]
+    tifffile.imwrite(tmp_path / "gray.tif", gray, tile=(32, 32))
+    with I.open_image(tmp_path / "gray.tif") as wsi:
+        r = wsi.read_region(10, 20, 40, 30)
+        np.testing.assert_array_equal(r, np.repeat(gray[20:50, 10:50, None], 3, axis=2))

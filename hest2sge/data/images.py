@@ -317,7 +317,6 @@ class TiffImage(WholeSlideImage):
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__(path)
         import tifffile
-        import zarr
 
         self._tif = tifffile.TiffFile(self.path)
         try:
@@ -327,10 +326,8 @@ class TiffImage(WholeSlideImage):
             self._axes = axes
             if not (axes.endswith("YXS") or axes.endswith("YX")):
                 raise ValueError(f"{self.path}: unsupported TIFF axes {series.axes!r}")
-            store = series.aszarr()
-            z = zarr.open(store, mode="r")
-            self._arrays = [z[str(k)] for k in range(len(levels))] if len(levels) > 1 or \
-                not hasattr(z, "shape") else [z]
+            self._series = series
+            self._zarr: list[Any] | None = None
             self.level_dimensions = []
             for lev in levels:
                 shape = dict(zip(axes, lev.shape))
@@ -393,7 +390,7 @@ class TiffImage(WholeSlideImage):
                         y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
                     ]
             return _to_rgb(out, self.path)
-        a = self._arrays[level]
+        a = self._zarr_levels()[level]
         idx = (0,) * self._lead
         if self._planar:
             arr = np.asarray(a[(*idx, slice(None), slice(y, y + h), slice(x, x + w))])
@@ -402,7 +399,19 @@ class TiffImage(WholeSlideImage):
             arr = np.asarray(a[(*idx, slice(y, y + h), slice(x, x + w))])
         return _to_rgb(arr, self.path)
 
+    def _zarr_levels(self) -> list[Any]:
+        """The levels as zarr arrays (stripped, planar or multi-page TIFFs)."""
+        if self._zarr is None:
+            import zarr
+
+            z = zarr.open(self._series.aszarr(), mode="r")
+            n = len(self._series.levels)
+            self._zarr = [z[str(k)] for k in range(n)] if n > 1 or not hasattr(z, "shape") \
+                else [z]
+        return self._zarr
+
     def close(self) -> None:
+        self._cache.clear()
         self._tif.close()
 
 
