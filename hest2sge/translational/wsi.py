@@ -6,8 +6,8 @@ decompression-bomb guard) and never held whole in memory:
 
 1. **Resolution.** The level-0 µm/px comes from the file's metadata, or from ``mpp=``; a slide
    whose resolution is unknown is refused unless ``mpp`` is given.
-2. **Tissue mask** at low resolution (``mask_mpp`` µm/px, read band by band from the coarsest
-   suitable pyramid level): a pixel is tissue when its mean RGB is below ``white`` and its
+2. **Tissue mask** at low resolution (``mask_mpp`` µm/px or coarser, at most 4,096 px a side,
+   read band by band from the coarsest suitable pyramid level): a pixel is tissue when its mean RGB is below ``white`` and its
    colour saturation (max - min channel) is at least ``min_saturation``; small specks are
    removed by a 3 x 3 opening and holes are filled. An empty mask is an error.
 3. **Tiling** on a regular grid at the model's input: tiles of ``model.patch_size`` pixels of
@@ -47,6 +47,8 @@ import numpy as np
 WHITE_RGB = 220
 #: Default resolution of the tissue mask (µm per mask pixel).
 MASK_MPP = 8.0
+#: Largest side of the tissue mask in pixels (its resolution is coarsened beyond that).
+MASK_MAX_PX = 4096
 
 
 class WSIError(ValueError):
@@ -76,10 +78,12 @@ def tissue_mask(
     """Boolean tissue mask of a low-resolution RGB image (see the module docstring)."""
     from scipy import ndimage
 
-    a = thumb.astype(np.int16)
-    mean = a.mean(axis=2)
-    sat = a.max(axis=2) - a.min(axis=2)
-    mask = (mean < white) & (sat >= min_saturation)
+    mask = np.empty(thumb.shape[:2], dtype=bool)
+    for r0 in range(0, thumb.shape[0], 256):  # row bands: a few bytes per pixel at a time
+        band = thumb[r0:r0 + 256]
+        total = band.sum(axis=2, dtype=np.uint16)
+        sat = band.max(axis=2) - band.min(axis=2)
+        mask[r0:r0 + 256] = (total < 3.0 * white) & (sat >= min_saturation)
     if mask.any():
         mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
         mask = ndimage.binary_fill_holes(mask)
@@ -281,7 +285,8 @@ def predict_wsi(
                            f"{target:g} µm/px")
 
         # ---------------------------------------------------------------- tissue mask
-        thumb, dm = wsi.thumbnail(max(mask_mpp / m0, 1.0))
+        # mask resolution: mask_mpp, coarser for huge slides (at most MASK_MAX_PX a side)
+        thumb, dm = wsi.thumbnail(max(mask_mpp / m0, max(w0, h0) / MASK_MAX_PX, 1.0))
         mask = tissue_mask(thumb, white=white, min_saturation=min_saturation)
         if not mask.any():
             raise WSIError(
@@ -383,10 +388,12 @@ def predict_wsi(
         wsi.close()
 
     idx = np.concatenate(kept_idx)
-    pred = np.concatenate(preds).astype(np.float32)
+    pred = np.concatenate(preds).astype(np.float32, copy=False)
+    preds.clear()  # the output holds two copies of the (tiles x genes) matrix, no more
+    rgb = np.concatenate(mean_rgb)
     srt = np.lexsort((cols[idx], rows[idx]))
-    idx, pred = idx[srt], pred[srt]
-    rgb = np.concatenate(mean_rgb)[srt]
+    if not (np.diff(srt) == 1).all():  # slide-level windows: back to row-major order
+        idx, pred, rgb = idx[srt], pred[srt], rgb[srt]
     genes = list(model.genes or [f"g{i}" for i in range(pred.shape[1])])
     sid = str(slide_id or path.stem)
     centres = np.stack([(cols[idx] + 0.5) * step0, (rows[idx] + 0.5) * step0], 1)
@@ -402,9 +409,9 @@ def predict_wsi(
         },
         index=pd.Index([f"{sid}_r{r}_c{c}" for r, c in zip(rows[idx], cols[idx])]),
     )
-    out = ad.AnnData(X=pred.copy(), obs=obs)
+    out = ad.AnnData(X=pred, obs=obs)
     out.var_names = genes
-    out.layers["pred"] = pred
+    out.layers["pred"] = pred.copy()
     out.obsm["spatial"] = centres
     imgs, hi_scale, lo_scale = _scverse_images(thumb)
     del thumb, mask
