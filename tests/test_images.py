@@ -90,6 +90,7 @@ def test_patches_from_pyramid_equal_in_memory_and_read_lazily(pyramid, monkeypat
     # the image size comes from the header: bounds are checked without decoding
     img_obj = SlideImage(s)
     assert img_obj.fullres_shape == (2100.0, 3000.0)
+    assert img_obj.mpp == pytest.approx(0.5)
     got2 = P.extract_patches(s, 32, pixel_size_um=1.0)  # 64 full-res px rescaled to 32
     np.testing.assert_array_equal(got2, P.extract_patches(_slide(xy, image=img), 32, 1.0))
 

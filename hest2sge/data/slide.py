@@ -277,6 +277,14 @@ class SlideImage:
         return self._array
 
     @property
+    def mpp(self) -> float | None:
+        """µm per full-resolution pixel from the image file's metadata (None when absent)."""
+        if not self.path:
+            return None
+        file_mpp = self.reader.mpp
+        return None if file_mpp is None else file_mpp * self.scale
+
+    @property
     def fullres_shape(self) -> tuple[float, float]:
         """Height and width of the image in full-resolution pixels (read from the header)."""
         if self._array is not None:
