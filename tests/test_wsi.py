@@ -106,7 +106,7 @@ def test_tiles_match_the_pyramid_and_white_tiles_are_dropped(slide, pixel_size_u
     assert len(info["weights_sha256"]) == 64 and info["target_transform"] == {"kind": "log_norm"}
 
 
-def test_registered_model_end_to_end_and_scanpy_plot(slide, tmp_path):
+def test_registered_model_end_to_end_and_scverse_plots(slide, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +120,11 @@ def test_registered_model_end_to_end_and_scanpy_plot(slide, tmp_path):
     assert np.isfinite(out.X).all()
     assert out.uns["hest2sge"]["model"] == "stnet"
     sc.pl.spatial(out, color="GA", library_id="section", show=False)
+    import squidpy as sq
+
+    sq.pl.spatial_scatter(out, color="GA", library_id="section")
+    sq.gr.spatial_neighbors(out, coord_type="grid", n_neighs=4)  # the tile grid
+    assert out.obsp["spatial_connectivities"].sum(1).max() <= 4
     out.write_h5ad(tmp_path / "o.h5ad")
 
 
