@@ -235,7 +235,7 @@ class ArrayImage(WholeSlideImage):
         return self._array
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return self.array[y : y + h, x : x + w]
+        return self.array[y : y + h, x : x + w].copy()  # never a view callers could modify
 
     def read_level(self, level: int = 0) -> np.ndarray:
         return self.array
