@@ -497,3 +497,88 @@ def get_record(name: str) -> ModelRecord:
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise KeyError(f"no configuration record for model {name!r}{hint} Known: {', '.join(known)}")
+
+
+# ---------------------------------------------------------------------- shipped YAML configs
+def _yaml_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        s = repr(v)
+        mant, _, exp = s.partition("e")
+        if exp and "." not in mant:
+            s = f"{mant}.0e{exp}"  # YAML 1.1 reads 1e-06 as a string, 1.0e-06 as a float
+        return s
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k}: {_yaml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def to_yaml(name: str) -> str:
+    """The LightningCLI config of a model's paper configuration, as shipped in
+    ``examples/configs/<name>.yaml`` (a test checks the shipped files equal this)."""
+    from hest2sge.registry import get_model_class
+
+    rec = get_record(name)
+    cls = get_model_class(name)
+    out = [
+        f"# hest2sge fit --config examples/configs/{rec.name}.yaml",
+        f"# {cls.__name__} in its paper configuration ({getattr(cls, 'paper', '')}).",
+        "# Generated from the configuration record (hest2sge/models/configs.py, where every",
+        "# setting has its source) by `python -m hest2sge.models.configs --write examples/configs`:",
+        "# edit the record, not this file. data.slides is the built-in synthetic set; for real",
+        "# data use e.g. {reader: her2st, root: path/to/her2st} and genes: paper.",
+        "seed_everything: 0",
+        "trainer:",
+        *(f"  {k}: {_yaml_value(v)}" for k, v in rec.trainer_kwargs().items()),
+        "  accelerator: auto",
+        "  devices: auto",
+        "  callbacks:",
+        "    - class_path: hest2sge.SpotMetrics",
+    ]
+    if rec.early_stopping is not None:
+        out += ["    - class_path: lightning.pytorch.callbacks.EarlyStopping", "      init_args:"]
+        out += [f"        {k}: {_yaml_value(v)}" for k, v in rec.early_stopping.items()]
+    out += ["    - class_path: lightning.pytorch.callbacks.ModelCheckpoint", "      init_args:"]
+    out += [f"        {k}: {_yaml_value(v)}" for k, v in rec.checkpoint_kwargs().items()]
+    if rec.monitor is None:
+        out[-1] += "        # the last epoch (paper)"
+    out += ["model:", f"  class_path: {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"]
+    if rec.model:
+        out.append("  init_args:")
+        out += [f"    {k}: {_yaml_value(v)}" for k, v in rec.model.items()]
+    out += ["data:", "  slides: synthetic", "  split:", "    k: 4", "    fold: 0",
+            "  genes: all          # real data: paper (the benchmark's 785-gene rule)"]
+    if rec.batch_size is None:
+        out.append("  # one slide per batch (slide mode)")
+    out += [f"  {k}: {_yaml_value(v)}" for k, v in rec.datamodule_kwargs().items()]
+    out += ["  cache_dir: hest2sge_cache", "  num_workers: 0"]
+    return "\n".join(out) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m hest2sge.models.configs",
+                                description="Print or write the YAML configs of the records.")
+    p.add_argument("--write", metavar="DIR", help="write <DIR>/<model>.yaml for every record")
+    p.add_argument("names", nargs="*", help="models (default: all with a record)")
+    args = p.parse_args(argv)
+    for name in args.names or list_records():
+        text = to_yaml(name)
+        if args.write:
+            path = Path(args.write) / f"{name}.yaml"
+            path.write_text(text)
+            print(f"wrote {path}")
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

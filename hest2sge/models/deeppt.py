@@ -103,7 +103,7 @@ class DeepPT(SpotModel):
         ensemble: Number of averaged members.
         cache_features: Train from cached trunk features when the trunk is frozen.
         cache_views: Dihedral views cached for training slides (1, 2, 4 or 8).
-        lr: Adam learning rate.
+        optimizer, lr, weight_decay, scheduler: Optimiser (not published: Adam, lr 1e-4).
         **kwargs: Further :class:`SpotModel` arguments.
     """
 
@@ -118,7 +118,7 @@ class DeepPT(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        backbone: str = "resnet50",
+        backbone: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
         freeze_backbone: bool = True,
         patch_size: int = 224,
@@ -129,10 +129,15 @@ class DeepPT(SpotModel):
         ensemble: int = 1,
         cache_features: bool = True,
         cache_views: int = 8,
+        optimizer: str = "adam",
         lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if int(ensemble) < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         if int(cache_views) not in (1, 2, 4, 8):
