@@ -71,7 +71,11 @@ class DeepSpaCE(SpotModel):
         genes: Gene panel.
         n_genes: Number of genes when names are unknown.
         backbone: timm model name (default ``"vgg16.tv_in1k"``: the torchvision ImageNet weights).
-        pretrained: ``True`` (ImageNet from the hub), ``False`` or a local weights file.
+        pretrained: ``True`` (ImageNet from the hub, or the local Hugging Face cache),
+            ``False`` or a local weights file (loaded strictly; see
+            :func:`~hest2sge.models.layers.backbones.create_backbone`).
+        backbone_kwargs: Further ``timm.create_model`` arguments of the backbone, e.g.
+            ``{"init_values": 1e-5, "dynamic_img_size": True}`` for a UNI-style ViT.
         patch_size: Patch side in pixels.
         optimizer: ``"adam"`` (paper).
         lr: Adam learning rate.
@@ -97,6 +101,7 @@ class DeepSpaCE(SpotModel):
         n_genes: int | None = None,
         backbone: str = "vgg16.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
+        backbone_kwargs: dict[str, Any] | None = None,
         patch_size: int = 224,
         optimizer: str = "adam",
         lr: float = 1e-4,
@@ -111,7 +116,7 @@ class DeepSpaCE(SpotModel):
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                          scheduler=scheduler, **kwargs)
         self.families = parse_families(augment)
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, **(backbone_kwargs or {}))
         pre = getattr(self.backbone, "pre_logits", None)
         for mod in (getattr(pre, "drop", None), getattr(getattr(self.backbone, "head", None),
                                                          "drop", None)):
