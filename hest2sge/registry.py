@@ -124,7 +124,9 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     sig = inspect.signature(cls.__init__)
     kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
     kwargs.update(overrides)
-    with torch.device("meta"):
+    from hest2sge.models.base import quiet_pretrained_warning
+
+    with torch.device("meta"), quiet_pretrained_warning():
         model = cls(**kwargs)
     defaults = {
         k: p.default

@@ -114,3 +114,31 @@ def test_unknown_and_user_models():
         assert rec.monitor == "val/pcc" and rec.monitor_mode == "max"
     finally:
         registry._REGISTRY.pop("my_record_test_model")
+
+
+def test_warns_once_without_pretrained_weights(monkeypatch, tmp_path):
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from hest2sge.models import base
+    from hest2sge.models.base import PretrainedWeightsWarning
+
+    monkeypatch.setattr(base, "_WARNED_NO_WEIGHTS", set())
+    tiny = {"n_genes": 3, "backbone": "test_resnet", "pretrained": False, "patch_size": 32}
+    with pytest.warns(PretrainedWeightsWarning) as rec:
+        model = hest2sge.load("stnet", **tiny)
+    msg = str(rec[0].message)
+    assert "optimizer='sgd', lr=1e-06" in msg and "densenet121.tv_in1k" in msg
+    assert "optimizer='adam', lr=0.001, loss_reduction='mean'" in msg  # the from-scratch set
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PretrainedWeightsWarning)
+        hest2sge.load("stnet", **tiny)  # once per model
+        monkeypatch.setattr(base, "_WARNED_NO_WEIGHTS", set())
+        hest2sge.load("stnet", **tiny, **get_record("stnet").from_scratch)  # no warning
+        hest2sge.model_info("stnet")  # parameter counting: no warning
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+        trainer.strategy.connect(model)
+        trainer.save_checkpoint(tmp_path / "m.ckpt")
+        hest2sge.load(checkpoint=tmp_path / "m.ckpt")  # restore: weights from the checkpoint
+        hest2sge.load("histogene", n_genes=3, **get_model_class("histogene").tiny_config)
