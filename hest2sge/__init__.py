@@ -29,6 +29,7 @@ __all__ = [
     "SpotModel",
     "__version__",
     "data",
+    "from_pretrained",
     "list_models",
     "load",
     "metrics",
@@ -42,6 +43,7 @@ _LAZY = {
     "SpotDataModule": ("hest2sge.data.datamodule", "SpotDataModule"),
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
+    "from_pretrained": ("hest2sge.models.transfer", "from_pretrained"),
     "predict": ("hest2sge.predict", "predict"),
 }
 _SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting"}
