@@ -65,12 +65,12 @@ def scratch(epochs: int) -> None:
 
     import hest2sge
     from hest2sge.data import SpotDataModule, patient_kfold, synthetic_slides
+    from hest2sge.models.configs import get_record
 
     slides = synthetic_slides(n_patients=4, slides_per_patient=2, seed=0)
     split = patient_kfold(slides, k=4, fold=0)
     for label, kw in (("paper (SGD lr 1e-6, summed loss)", {}),
-                      ("record from_scratch", dict(hest2sge.models.configs.get_record(
-                          "stnet").from_scratch))):
+                      ("record from_scratch", dict(get_record("stnet").from_scratch))):
         pl.seed_everything(0)
         dm = SpotDataModule(slides, split, genes="all", batch_size=32, patch_size=64)
         model = hest2sge.load("stnet", genes=dm.genes, backbone="resnet18", pretrained=False,
