@@ -29,6 +29,7 @@ __all__ = [
     "SpotModel",
     "__version__",
     "data",
+    "from_pretrained",
     "list_models",
     "load",
     "metrics",
@@ -43,6 +44,7 @@ _LAZY = {
     "SpotDataModule": ("hest2sge.data.datamodule", "SpotDataModule"),
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
+    "from_pretrained": ("hest2sge.models.transfer", "from_pretrained"),
     "predict": ("hest2sge.predict", "predict"),
     "predict_wsi": ("hest2sge.translational.wsi", "predict_wsi"),
 }

@@ -9,8 +9,10 @@ not MSE, ``loss(out, batch)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -24,6 +26,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Constructor arguments that must not be replayed when restoring a checkpoint (the weights
 # come from the checkpoint, so no download or local weight file is needed).
 _RELOAD_OVERRIDES = {"pretrained": False}
+
+
+class PretrainedWeightsWarning(UserWarning):
+    """A model whose paper settings assume pretrained weights is built without them."""
+
+
+_WARNED_NO_WEIGHTS: set[str] = set()
+_QUIET_NO_WEIGHTS = [0]
+
+
+@contextlib.contextmanager
+def quiet_pretrained_warning() -> Iterator[None]:
+    """Build models without the missing-weights warning (checkpoint restores, parameter
+    counting), where ``pretrained=False`` does not mean a random trunk is trained."""
+    _QUIET_NO_WEIGHTS[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET_NO_WEIGHTS[0] -= 1
+
+
+def _fmt_kwargs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
 
 
 class SpotModel(pl.LightningModule):
@@ -73,6 +98,8 @@ class SpotModel(pl.LightningModule):
     #: The model takes uint8 patches (0-255) and converts them itself, chunk by chunk, to save
     #: memory on whole slides; otherwise batches arrive as float in [0, 1].
     accepts_uint8_img: ClassVar[bool] = False
+    #: Attributes holding the pretrained trunk (``freeze_backbone``); default ``backbone``.
+    trunk_modules: ClassVar[tuple[str, ...]] = ()
     #: Keyword overrides giving a tiny configuration (tests, CPU smoke runs).
     tiny_config: ClassVar[dict[str, Any]] = {}
 
@@ -120,6 +147,38 @@ class SpotModel(pl.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.fitted_target_transform: dict[str, Any] | None = None
         self.save_hyperparameters()
+        self._warn_without_weights()
+
+    def _warn_without_weights(self) -> None:
+        """Warn once per model when the paper settings assume pretrained weights but
+        ``pretrained=False`` is used with them, naming the record's from-scratch settings."""
+        hp = self.hparams
+        name = self.model_name
+        if (_QUIET_NO_WEIGHTS[0] or not name or name in _WARNED_NO_WEIGHTS
+                or "pretrained" not in hp or hp["pretrained"] not in (False, None)):
+            return
+        from hest2sge.models.configs import get_record
+
+        rec = get_record(name)
+        if not rec.model.get("pretrained"):
+            return
+        scratch = dict(rec.from_scratch)
+        if scratch and all(hp.get(k) == v for k, v in scratch.items()):
+            return  # already the from-scratch settings
+        _WARNED_NO_WEIGHTS.add(name)
+        paper = {k: rec.model[k] for k in ("optimizer", "lr", *scratch) if k in rec.model}
+        weights = rec.model.get("backbone") or rec.model.get("extractor") or "its encoder"
+        if scratch:
+            advice = (f"From random initialisation use the record's from-scratch settings: "
+                      f"hest2sge.load({name!r}, pretrained=False, {_fmt_kwargs(scratch)})")
+        else:
+            advice = "The record has no from-scratch override for it"
+        note = rec.sources.get("from_scratch", "")
+        warnings.warn(
+            f"{type(self).__name__} is built with pretrained=False, but its paper settings "
+            f"({_fmt_kwargs(paper)}) assume pretrained weights ({weights}). {advice}"
+            f"{' (' + note + ')' if note else ''}.",
+            PretrainedWeightsWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ flags and helpers
     def target_transform_spec(self) -> dict[str, Any]:
@@ -250,6 +309,66 @@ class SpotModel(pl.LightningModule):
         meta = checkpoint.get("hest2sge") or {}
         self.fitted_target_transform = meta.get("target_transform")
 
+    # ------------------------------------------------------------------ fine-tuning, sharing
+    def trunk(self) -> list[torch.nn.Module]:
+        """The pretrained feature extractor(s) (``trunk_modules``, else ``backbone``)."""
+        names = self.trunk_modules or (("backbone",) if hasattr(self, "backbone") else ())
+        mods = [getattr(self, n) for n in names if isinstance(getattr(self, n, None),
+                                                                torch.nn.Module)]
+        if not mods:
+            raise AttributeError(f"{type(self).__name__} has no pretrained trunk to freeze")
+        return mods
+
+    def freeze_backbone(self) -> SpotModel:
+        """Freeze the trunk: no gradients, BatchNorm statistics kept (eval mode in training).
+        The optimiser built by ``configure_optimizers`` then trains the rest only."""
+        for m in self.trunk():
+            m.requires_grad_(False)
+            m.eval()
+        self._trunk_frozen = True
+        if hasattr(self, "frozen"):  # DeepPT's fixed-extractor switch
+            self.frozen = True
+        return self
+
+    def unfreeze_backbone(self) -> SpotModel:
+        """Train the trunk again (end-to-end fine-tuning)."""
+        for m in self.trunk():
+            m.requires_grad_(True)
+            m.train(self.training)
+        self._trunk_frozen = False
+        if hasattr(self, "frozen"):
+            self.frozen = False
+        return self
+
+    def train(self, mode: bool = True) -> SpotModel:
+        super().train(mode)
+        if getattr(self, "_trunk_frozen", False):
+            for m in self.trunk():
+                m.eval()
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Any:
+        """Write ``model.safetensors`` + ``config.json`` (see :mod:`hest2sge.models.transfer`)."""
+        from hest2sge.models.transfer import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload to a Hugging Face repository (:func:`hest2sge.models.transfer.push_to_hub`)."""
+        from hest2sge.models.transfer import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, **kwargs: Any) -> SpotModel:
+        """Load a :meth:`save_pretrained` folder or hub repository (any registered model)."""
+        from hest2sge.models.transfer import from_pretrained
+
+        model = from_pretrained(path_or_repo, **kwargs)
+        if cls is not SpotModel and not isinstance(model, cls):
+            raise TypeError(f"{path_or_repo} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
 
 def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:
     """Convert a loader batch for a model: uint8 patches become float in [0, 1] (unless
@@ -278,11 +397,14 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
     Args:
         path: Checkpoint file.
         name: Expected registry name (checked against the checkpoint's).
-        **overrides: Only ``genes`` (checked against the checkpoint's panel) and
-            ``map_location`` are accepted.
+        **overrides: ``map_location``, and ``genes``: the checkpoint's panel restores the
+            model as trained; a different panel fine-tunes it (the trunk is kept, the output
+            head re-initialised with the rows of shared genes kept, see
+            :func:`hest2sge.models.transfer.adapt_to_panel`), optionally with new training
+            settings (``lr``, ``optimizer``, ``weight_decay``, ``scheduler``, ...).
 
     Returns:
-        The model with the checkpoint's weights, in eval mode.
+        The model with the checkpoint's weights, in eval mode (train mode when adapted).
     """
     from hest2sge.registry import get_model_class
 
@@ -306,28 +428,29 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
         raise ValueError(f"{path} holds a {ck_name!r} model, not {name!r}")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     genes = overrides.pop("genes", None)
-    if overrides:
+    from hest2sge.models.transfer import FINETUNE_OVERRIDES, adapt_to_panel
+
+    bad = set(overrides) - FINETUNE_OVERRIDES
+    if bad or (overrides and genes is None):
         raise TypeError(
-            f"only genes= may accompany checkpoint=; got {sorted(overrides)}. "
+            f"only genes= (and, to fine-tune on a new panel, {sorted(FINETUNE_OVERRIDES)}) "
+            f"may accompany checkpoint=; got {sorted(overrides)}. "
             "Build the model from the name to change its configuration."
         )
-    if genes is not None:
-        ck_genes = hparams.get("genes")
-        if ck_genes is not None and list(genes) != list(ck_genes):
-            missing = [g for g in genes if g not in set(ck_genes)]
-            raise ValueError(
-                f"checkpoint {path} was trained on a different gene panel: "
-                f"{len(missing)} requested gene(s) are not in it (e.g. {missing[:5]})"
-                + ("" if missing else "; same genes in a different order")
-            )
     cls = get_model_class(ck_name)
+    ck_genes = hparams.get("genes")
+    if genes is not None and (overrides or ck_genes is None or list(genes) != list(ck_genes)):
+        # Fine-tuning: keep the trained trunk, re-initialise the head for the new panel.
+        return adapt_to_panel(cls, hparams, ckpt["state_dict"], genes, source=path,
+                              **overrides)
     import inspect
 
     accepted = inspect.signature(cls.__init__).parameters
     for k, v in _RELOAD_OVERRIDES.items():
         if k in accepted:
             hparams[k] = v
-    model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+    with quiet_pretrained_warning():
+        model = cls(**{k: v for k, v in hparams.items() if k in accepted})
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.fitted_target_transform = meta.get("target_transform")
     model.eval()
