@@ -89,12 +89,12 @@ class GeneCodeR(SpotModel):
       * ``batch_size`` is not a parameter: the paper's 500 equals i_dim = j_dim, i.e. one
         block of latent indices (the only case implemented).
 
-    Solvers. ``solver="lstsq"`` (the default) computes the fixed point the model describes in
+    Solvers. ``solver="lstsq"`` (the default) computes the model's least-squares solution in
     closed form, with the image as reference (as gcode's ``references``): the shared encoding
-    is the image's top j_dim principal components (``beta_img`` = top right singular vectors
-    of X, ``S = X beta_img``), ``beta_genes^T = S^+ Y`` and ``code = U_i^T S`` (alpha = the top
-    i_dim left singular vectors, transposed), i.e. principal-component regression with the
-    same stored matrices and the same read-out. ``solver="gcode"`` runs the published
+    ``S = X beta_img`` is the best rank-j_dim fit of the pixels (Eckart-Young: ``beta_img`` =
+    the top j_dim right singular vectors of X), ``beta_genes^T = S^+ Y`` and ``code = U_i^T S``
+    (alpha = the top i_dim left singular vectors, transposed), i.e. principal-component
+    regression with the same stored matrices and the same read-out. ``solver="gcode"`` runs the published
     coordinate descent; it is kept for reproducing the original and warns when selected.
 
     Measured behaviour of the published coordinate descent (why it is not the default):
@@ -105,14 +105,27 @@ class GeneCodeR(SpotModel):
         code agrees with the Gram-space iteration (tests/test_genecoder.py). Centring (none:
         gcode's transform defaults are all FALSE), transposes, the matrices inverted and the
         read-out are the original's, so the results below are the algorithm's, not the port's.
-      * It does not fit, and the sign of what it returns is arbitrary. Real HER2+ sections,
-        785-gene panel, raw counts, trained on C2+C3+C5+C6 (726 spots), paper configuration
-        (224 px, i_dim = j_dim = 500, 20 iterations, tol 5, lr 0.1): mean per-gene PCC on its
-        own training sections is near zero or negative and on held-out C4 likewise (figures in
-        the CHANGELOG entry), against 0.84-0.88 on the training sections and 0.072 on C4 for
-        ``"lstsq"``. On C2+C6 with 28 px pooled pixels and i_dim = j_dim = 50 or 100 the
-        training PCC after each pass is +0.14 after the first pass, then -0.12 to -0.23, with
-        sign changes between passes (e.g. +0.13 at pass 15 of 16, then -0.20).
+      * It does not fit: its prediction collapses to ONE per-spot score times one gene
+        profile, with an arbitrary sign. Mean per-gene PCC over the spots of a section, real
+        HER2+ sections, 785-gene panel, raw counts, paper configuration (224 px, i_dim = j_dim
+        = 500, 20 iterations, tol 5, lr 0.1), ``benchmarks/genecoder_solvers.py fit``:
+        trained on C2+C3+C5+C6 (726 spots), gcode gives +0.17 to +0.22 on its training
+        sections (C2 +0.185, C6 +0.184) and +0.181 on held-out C4 (21 passes, 1,140 s on a
+        loaded 2-core CPU); ``"lstsq"`` gives 0.84-0.88 (C2 0.872, C6 0.859) and 0.072 on C4
+        (63 s). Trained on C2+C6 (365 spots), gcode gives +0.036 / +0.036 and +0.008 to +0.021
+        on C3-C5 (313 s); issue 8 measured -0.14 / -0.08 on C2 / C6 and -0.19 held out in
+        another run; ``"lstsq"`` interpolates (1.00; 365 spots < 500 components) and gives
+        0.05-0.07 on C3-C5 (26 s). With 28 px pooled pixels and i_dim = j_dim = 100 on
+        C2+C3+C5+C6 the centred gcode prediction has rank one (top singular value >= 99.5 %
+        of its variance on every section) and PCC -0.03 to -0.10 on all five sections, while
+        ``"lstsq"`` gives +0.40 to +0.49 on the training sections and +0.13 on C4. A rank-one
+        prediction ``s g^T`` gives each gene PCC = sign(g_gene) corr(s, y_gene): genes that
+        co-vary with spot depth then share one sign, which is why the mean is consistently
+        negative (or positive) rather than near zero. On C2+C6 with
+        i_dim = j_dim = 50 or 100 the training PCC after each pass is +0.14 after the first,
+        then -0.12 to -0.23, with sign changes between passes (+0.13 at pass 15 of 16, then
+        -0.20). The positive 224 px figures above are consistent with that sign falling the
+        other way, not with a fit; ``"lstsq"`` with 500 components on 726 spots overfits instead (0.86 vs 0.07).
       * Cause: the iteration is not a consistent least-squares solver. Within update_set alpha,
         beta and the code are all updated simultaneously from the same state (three factors
         of one product each correcting the same residual), each relaxed towards a closed-form
@@ -122,13 +135,13 @@ class GeneCodeR(SpotModel):
         (relative reconstruction error 1e3-1e6 on C2+C6), and beta_img and beta_genes end up
         as solutions for different, unconverged latent bases. The read-out
         ``beta_img (beta_img^T beta_img)^+ beta_genes^T`` pairs them as if they shared one
-        basis, so the resulting rank-j_dim map has an arbitrary orientation: anti-correlation
-        on the training sections is as likely as correlation. Ablations on C2+C6: without
-        update_regression the training PCC stays near +0.11; with lr = 1 and no shrinkage it
-        still oscillates (+0.31, +0.04, -0.21); alpha initialised by irlba (the vignette)
-        instead of rnorm (the benchmark) keeps it near 0 (0.00-0.07). On synthetic pixels of
-        rank 6 with counts an exact rank-3 linear map of them (tests/test_genecoder.py) its
-        held-out relative error is 1.01 (mean PCC 0.03); ``"lstsq"`` recovers the map (1e-7).
+        basis, so the orientation of the map it gives is arbitrary. Ablations on C2+C6
+        (i_dim = j_dim = 50, 5 passes): without update_regression the training PCC stays near
+        +0.11; with lr = 1 and no shrinkage it still oscillates (+0.31, +0.04, -0.21); alpha
+        initialised by irlba (the vignette) instead of rnorm (the benchmark) keeps it near 0
+        (0.00-0.07). On synthetic pixels of rank 6 with counts an exact rank-3 linear map of
+        them (tests/test_genecoder.py) its held-out relative error is 1.01 (mean PCC 0.03);
+        ``"lstsq"`` recovers the map (1e-7).
     Like the original, the gcode loop runs until the tolerance test passes or ``max_iter`` + 1
     passes (the test starts after the second pass).
 
