@@ -48,12 +48,12 @@ class GeneCodeR(SpotModel):
     ``Y ~ alpha^T C beta_genes^T`` for pixels X (spots x 3 P^2, values in [0, 1]) and targets
     Y (spots x G), with alpha (i_dim x spots), code C (i_dim x j_dim), beta_img (3 P^2 x j_dim)
     and beta_genes (G x j_dim). The published solver (``solver="gcode"``) is a coordinate
-    descent; each iteration (1) aligns each modality's
-    encoding ``alpha X_m beta_m`` to the image encoding by least squares (3 rounds, beta <-
-    beta D, alpha <- H alpha), then (2) updates beta_m, alpha and C by closed-form least
-    squares relaxed with the learning rate (``theta <- (1 - lr) theta + lr theta_hat``),
-    followed by the elastic-net shrinkage (a = 0, l = 0.5: division by 1.5). Prediction from
-    pixels alone: ``Y_hat = X beta_img (beta_img^T beta_img)^+ beta_genes^T``.
+    descent; each iteration (1) aligns each modality's encoding ``alpha X_m beta_m`` to the
+    image encoding by least squares (3 rounds, beta <- beta D, alpha <- H alpha), then (2)
+    updates beta_m, alpha and C by closed-form least squares relaxed with the learning rate
+    (``theta <- (1 - lr) theta + lr theta_hat``), followed by the elastic-net shrinkage
+    (a = 0, l = 0.5: division by 1.5). Prediction from pixels alone (both solvers):
+    ``Y_hat = X beta_img (beta_img^T beta_img)^+ beta_genes^T``.
 
     Paper configuration (benchmark Methods): i_dim = j_dim = 500, alpha initialised
     ``rnorm``, beta ``irlba`` (top right singular vectors), at most 20 iterations, tolerance
@@ -94,8 +94,9 @@ class GeneCodeR(SpotModel):
     ``S = X beta_img`` is the best rank-j_dim fit of the pixels (Eckart-Young: ``beta_img`` =
     the top j_dim right singular vectors of X), ``beta_genes^T = S^+ Y`` and ``code = U_i^T S``
     (alpha = the top i_dim left singular vectors, transposed), i.e. principal-component
-    regression with the same stored matrices and the same read-out. ``solver="gcode"`` runs the published
-    coordinate descent; it is kept for reproducing the original and warns when selected.
+    regression with the same stored matrices and the same read-out. ``solver="gcode"`` runs
+    the published coordinate descent; it is kept for reproducing the original and warns when
+    selected.
 
     Measured behaviour of the published coordinate descent (why it is not the default):
       * This port equals gcode_R beta_test_v2022.3 run in R from the same initial alpha/beta
@@ -125,7 +126,8 @@ class GeneCodeR(SpotModel):
         i_dim = j_dim = 50 or 100 the training PCC after each pass is +0.14 after the first,
         then -0.12 to -0.23, with sign changes between passes (+0.13 at pass 15 of 16, then
         -0.20). The positive 224 px figures above are consistent with that sign falling the
-        other way, not with a fit; ``"lstsq"`` with 500 components on 726 spots overfits instead (0.86 vs 0.07).
+        other way, not with a fit; ``"lstsq"`` with 500 components on 726 spots overfits
+        instead (0.86 on its training sections against 0.07 held out).
       * Cause: the iteration is not a consistent least-squares solver. Within update_set alpha,
         beta and the code are all updated simultaneously from the same state (three factors
         of one product each correcting the same residual), each relaxed towards a closed-form
