@@ -116,10 +116,11 @@ class GeneCodeR(SpotModel):
         (63 s). Trained on C2+C6 (365 spots), gcode gives +0.036 / +0.036 and +0.008 to +0.021
         on C3-C5 (313 s); issue 8 measured -0.14 / -0.08 on C2 / C6 and -0.19 held out in
         another run; ``"lstsq"`` interpolates (1.00; 365 spots < 500 components) and gives
-        0.05-0.07 on C3-C5 (26 s). With 28 px pooled pixels and i_dim = j_dim = 100 on
-        C2+C3+C5+C6 the centred gcode prediction has rank one (top singular value >= 99.5 %
-        of its variance on every section) and PCC -0.03 to -0.10 on all five sections, while
-        ``"lstsq"`` gives +0.40 to +0.49 on the training sections and +0.13 on C4. A rank-one
+        0.05-0.07 on C3-C5 (26 s). Trained on C2+C3+C5+C6 with 28 px pooled pixels, the
+        centred gcode prediction has rank one (top singular value >= 99.5 % of its variance
+        on every section) at i_dim = j_dim = 100 and at 500; its PCC is -0.10 to -0.03 (100)
+        and -0.07 to +0.02 (500) on all five sections, while ``"lstsq"`` gives +0.40 to +0.49
+        (100) and +0.84 to +0.87 (500) on the training sections, +0.13 and +0.06 on C4. A rank-one
         prediction ``s g^T`` gives each gene PCC = sign(g_gene) corr(s, y_gene): genes that
         co-vary with spot depth then share one sign, which is why the mean is consistently
         negative (or positive) rather than near zero. On C2+C6 with
