@@ -245,10 +245,22 @@ class SpotModel(pl.LightningModule):
         }
         # Store hyperparameters as a plain dict so weights_only loading needs no allow-list.
         checkpoint["hyper_parameters"] = _plain(dict(self.hparams))
+        # Global random generators (python, numpy, torch): exact resume (hest2sge.rng).
+        from hest2sge.rng import capture_rng_state
+
+        checkpoint["hest2sge_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("hest2sge") or {}
         self.fitted_target_transform = meta.get("target_transform")
+        # A resumed fit continues the generators where the checkpoint left them (before the
+        # loaders are built and iterated); loading weights for inference leaves them alone.
+        state = checkpoint.get("hest2sge_rng")
+        trainer = self._trainer
+        if state is not None and trainer is not None and trainer.state.fn == "fit":
+            from hest2sge.rng import restore_rng_state
+
+            restore_rng_state(state)
 
 
 def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:
