@@ -692,7 +692,7 @@ def c_model_genes_string(tmp):
 
 @case()
 def c_model_genes_empty(tmp):
-    return Probe(_load(genes=[]), "genes")
+    return Probe(_load(genes=[]), "genes is empty")
 
 
 @case()
@@ -712,7 +712,7 @@ def c_model_n_genes_fraction(tmp):
 
 @case()
 def c_model_n_genes_zero(tmp):
-    return Probe(_load(n_genes=0), "n_genes")
+    return Probe(_load(n_genes=0), "n_genes=0")
 
 
 @case()

@@ -244,12 +244,7 @@ def _check_counts(x, barcodes, genes, sid: str) -> None:
     """Counts must be finite and non-negative; name the first offending spot and gene."""
     import scipy.sparse as sp
 
-    if sp.issparse(x):
-        coo = sp.coo_matrix(x)
-        rows, cols, data = coo.row, coo.col, coo.data
-    else:
-        data = np.asarray(x)
-        rows = cols = None
+    data = x.data if sp.issparse(x) else np.asarray(x)
     if data.size == 0 or not np.issubdtype(data.dtype, np.number):
         return
     for bad, what, hint in (
@@ -258,14 +253,16 @@ def _check_counts(x, barcodes, genes, sid: str) -> None:
         (data < 0, "negative count", "X must hold raw (non-negative) counts, not log or "
          "scaled values (put raw counts in X or layers['counts'])"),
     ):
-        if bad.any():
+        if bad.any():  # locate the first offender only now (the common case stays cheap)
             n = int(bad.sum())
-            if rows is None:
-                r, c = (int(v[0]) for v in np.nonzero(bad))
+            if sp.issparse(x):
+                coo = sp.coo_matrix(x)
+                mask = ~np.isfinite(coo.data) if what.startswith("non") else coo.data < 0
+                k = int(np.flatnonzero(mask)[0])
+                r, c, value = int(coo.row[k]), int(coo.col[k]), float(coo.data[k])
             else:
-                k = int(np.flatnonzero(bad)[0])
-                r, c = int(rows[k]), int(cols[k])
-            value = float(data[bad].ravel()[0])
+                r, c = (int(v[0]) for v in np.nonzero(bad))
+                value = float(data[r, c])
             raise SlideError(
                 f"slide {sid!r}: {what} {value} at spot {barcodes[r]!r}, gene {genes[c]!r}"
                 f"{f' (and {n - 1} more)' if n > 1 else ''}",
