@@ -138,3 +138,27 @@ def test_monitored_metrics_ignore_degenerate_slides(data):
     assert all(math.isfinite(summary[m]) for m in ("js", "rmse"))
     assert -1.0 <= summary["pcc"] <= 1.0 or math.isnan(summary["pcc"])
     assert set(table["slide_id"]) == {str(k) for k in range(len(sizes))} - degenerate
+
+
+@SETTINGS
+@given(st.integers(2, 12), st.integers(1, 3), st.integers(0, 2**16),
+       st.floats(0.1, 10.0), st.floats(-5.0, 5.0))
+def test_pcc_bounded_symmetric_and_affine_invariant(n, g, seed, scale, shift):
+    import torch
+
+    from hest2sge.metrics.functional import pcc
+
+    rng = np.random.default_rng(seed)
+    a = torch.as_tensor(rng.normal(size=(n, g)))
+    b = torch.as_tensor(rng.normal(size=(n, g)))
+    r = pcc(a, b)
+    assert r.shape == (g,) and r.dtype == torch.float64
+    finite = torch.isfinite(r)
+    assert bool(((r[finite] >= -1 - 1e-12) & (r[finite] <= 1 + 1e-12)).all())
+    torch.testing.assert_close(pcc(b, a), r, equal_nan=True)
+    torch.testing.assert_close(pcc(a * scale + shift, b), r, equal_nan=True, atol=1e-9,
+                               rtol=1e-7)
+    # a constant gene has no correlation: NaN, never a number
+    const = a.clone()
+    const[:, 0] = 3.0
+    assert torch.isnan(pcc(const, b)[0])
