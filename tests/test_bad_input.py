@@ -94,3 +94,32 @@ def test_lightning_resume_route_refuses_pickled_code(tmp_path):
     with pytest.raises(Exception):  # noqa: B017  (whatever the unpickler says)
         trainer.fit(model, dm, ckpt_path=path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_selection_ignores_one_spot_validation_slide(tmp_path):
+    """Through a real Trainer: the one-spot slide is named in a warning, left out of val/*,
+    and ModelCheckpoint(monitor="val/pcc") selects on a finite value."""
+    import lightning.pytorch as pl
+
+    import hest2sge
+    from hest2sge.data import SpotDataModule, synthetic_slides
+
+    pl.seed_everything(0, verbose=False)
+    slides = synthetic_slides(n_patients=3, slides_per_patient=1, grid=(4, 4), n_genes=4,
+                              spot_pitch_px=16, seed=2)
+    slides[2] = slides[2][:1].copy()  # P2_S0 keeps one spot
+    genes = list(slides[0].var_names)
+    model = hest2sge.load("stnet", genes=genes, backbone="test_resnet", pretrained=False,
+                          patch_size=16)
+    dm = SpotDataModule.for_model(model, slides, {"train": ["P0_S0"], "val": ["P1_S0", "P2_S0"]},
+                                  genes=genes, batch_size=8)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/pcc", mode="max")
+    metrics = hest2sge.SpotMetrics()
+    trainer = pl.Trainer(max_epochs=1, logger=False, accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[metrics, ckpt])
+    with pytest.warns(UserWarning, match="P2_S0"):
+        trainer.fit(model, dm)
+    assert set(metrics.excluded) == {"P2_S0"}
+    assert set(metrics.table["slide_id"]) == {"P1_S0"}
+    score = float(ckpt.best_model_score)
+    assert score == pytest.approx(metrics.summary["pcc"]) and -1.0 <= score <= 1.0
