@@ -440,7 +440,7 @@ def read_legacy_st(
         spot_diameter_fullres=ST_SPOT_DIAMETER_UM / px if math.isfinite(px) else None,
         metadata=metadata,
     )
-    validate_slide(slide, require_image=True, source=counts_path)
+    validate_slide(slide, require_image=False, source=counts_path)  # image checked above
     return slide
 
 
