@@ -24,6 +24,7 @@ from hest2sge.registry import list_models, load, model_info, register_model
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Hest2sgeInputError",
     "SpotDataModule",
     "SpotMetrics",
     "SpotModel",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Hest2sgeInputError": ("hest2sge.errors", "Hest2sgeInputError"),
     "SpotDataModule": ("hest2sge.data.datamodule", "SpotDataModule"),
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),

@@ -83,7 +83,8 @@ def predict(
     Returns:
         AnnData with the slide's spots, ``var_names`` = the model's genes, predictions in
         ``X`` and ``layers["pred"]`` (on the model's target scale), the slide's raw counts of
-        those genes in ``layers["counts"]`` when the slide has them (and their library sizes
+        those genes in ``layers["counts"]`` (NaN for genes the slide lacks, with a warning
+        and their list in ``uns["hest2sge"]["genes_missing_from_slide"]``; and their library sizes
         over all genes in ``obs["total_counts_all"]``), and the slide's ``obsm["spatial"]`` and
         ``uns["spatial"]`` with scanpy/squidpy ``hires``/``lowres`` images: ``sc.pl.spatial``
         and ``squidpy.pl.spatial_scatter`` work on it as it is.
@@ -114,10 +115,7 @@ def predict(
     out = ad.AnnData(X=pred.copy(), obs=slide.obs.copy())
     out.var_names = list(genes)
     out.layers["pred"] = pred
-    if all(g in slide.var_names for g in genes):
-        from hest2sge.data.datamodule import _dense
-
-        out.layers["counts"] = _dense(slide[:, list(genes)].X)
+    missing = _add_counts(out, slide, list(genes), named=model.genes is not None)
     out.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
     if slide.n_vars:  # library sizes over all genes, for transforms with library="all"
         out.obs["total_counts_all"] = np.asarray(slide.X.sum(1), dtype=np.float64).ravel()
@@ -126,4 +124,41 @@ def predict(
                            "n_genes_all": int(slide.n_vars),
                            "target_transform": model.fitted_target_transform
                            or model.target_transform_spec()}
+    if missing:
+        out.uns["hest2sge"]["genes_missing_from_slide"] = missing
     return out
+
+
+def _add_counts(out, slide, genes: list[str], named: bool) -> list[str]:
+    """Put the slide's raw counts of ``genes`` in ``out.layers["counts"]``.
+
+    Genes of the model's panel that the slide lacks get NaN counts (a warning names them);
+    the returned list names them too.
+    """
+    import warnings
+
+    from hest2sge.data.datamodule import _dense
+
+    have = set(slide.var_names)
+    present = [g for g in genes if g in have]
+    missing = [g for g in genes if g not in have]
+    if not present:
+        if named:
+            warnings.warn(
+                f"slide {slide_id_of(slide)!r} holds none of the model's {len(genes)} genes: "
+                "the prediction has no layers['counts'] (ground truth)",
+                stacklevel=3,
+            )
+        return missing if named else []
+    counts = np.full((slide.n_obs, len(genes)), np.nan, dtype=np.float32)
+    cols = [i for i, g in enumerate(genes) if g in have]
+    counts[:, cols] = _dense(slide[:, present].X)
+    out.layers["counts"] = counts
+    if missing:
+        warnings.warn(
+            f"slide {slide_id_of(slide)!r} lacks {len(missing)} of the model's {len(genes)} "
+            f"genes (e.g. {missing[:5]}): their layers['counts'] are NaN (listed in "
+            "uns['hest2sge']['genes_missing_from_slide'])",
+            stacklevel=3,
+        )
+    return missing

@@ -266,6 +266,8 @@ class SpotDataModule(pl.LightningDataModule):
         self.tables: dict[str, SlideTable] = {}
         self.slide_inputs: Any = None
         self._configured = False
+        self._train_generator: torch.Generator | None = None
+        self._resume_generator_state: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model: Any, slides: Any, split: Any = None, **kwargs: Any) -> SpotDataModule:
@@ -370,15 +372,38 @@ class SpotDataModule(pl.LightningDataModule):
     def _loader(self, role: str, shuffle: bool, augment: bool) -> DataLoader:
         ds = self._dataset(role, augment)
         slide_mode = self.input_mode == "slide"
+        generator = None
+        if shuffle:
+            # The loader's own generator, seeded from torch's global one (so seed_everything
+            # fixes it) or continued from a checkpoint (state_dict): exact resume.
+            generator = torch.Generator()
+            if self._resume_generator_state is not None:
+                generator.set_state(self._resume_generator_state)
+                self._resume_generator_state = None
+            else:
+                generator.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+            self._train_generator = generator
         return DataLoader(
             ds,
             batch_size=1 if slide_mode else self.batch_size,
             shuffle=shuffle,
+            generator=generator,
             num_workers=self.num_workers,
             collate_fn=collate_slide if slide_mode else None,
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed state: the training loader's generator (shuffling, worker seeds)."""
+        if self._train_generator is None:
+            return {}
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training loader's generator from a checkpoint (exact resume)."""
+        state = state_dict.get("train_generator")
+        self._resume_generator_state = state if isinstance(state, torch.Tensor) else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, augment=self.augment)

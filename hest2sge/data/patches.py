@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hest2sge.data.slide import SlideError, SlideImage, slide_id_of, spatial_entry
+from hest2sge.errors import Hest2sgeInputError, reading
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def patch_extent(slide, patch_size: int, pixel_size_um: float | None = None) -> 
         SlideError: when a pixel size is requested and the slide's pixel size is unknown.
     """
     if int(patch_size) <= 0:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+        raise Hest2sgeInputError(f"patch_size must be a positive integer, got {patch_size!r}")
     if pixel_size_um is None:
         return float(patch_size)
     if not (math.isfinite(float(pixel_size_um)) and float(pixel_size_um) > 0):
-        raise ValueError(f"pixel_size_um must be positive, got {pixel_size_um!r}")
+        raise Hest2sgeInputError(f"pixel_size_um must be positive, got {pixel_size_um!r}")
     native = slide_pixel_size(slide)
     if not math.isfinite(native):
         raise SlideError(
@@ -106,6 +107,28 @@ def check_spots_in_image(slide, image: SlideImage | None = None) -> None:
         )
 
 
+def check_patch_fits(slide, extent: float, image: SlideImage | None = None) -> None:
+    """Raise when a patch is larger than the slide image (it would be mostly white padding).
+
+    Args:
+        slide: A slide.
+        extent: Side of a patch in full-resolution pixels (:func:`patch_extent`).
+        image: Its already opened image (default: opened here).
+
+    Raises:
+        SlideError: naming the slide, the patch extent and the image size.
+    """
+    img = image if image is not None else SlideImage(slide)
+    h, w = img.fullres_shape
+    if extent > min(h, w):
+        raise SlideError(
+            f"slide {img.slide_id!r}: a patch covers {extent:.0f} full-res px but the image is "
+            f"only {w:.0f} x {h:.0f} full-res px ({img.path or 'in-memory image'}); the patches "
+            "would be mostly white padding",
+            hint="use a smaller patch_size, or a smaller pixel_size_um",
+        )
+
+
 def extract_patches(
     slide,
     patch_size: int = 224,
@@ -132,7 +155,8 @@ def extract_patches(
         uint8 array (N, P, P, 3) (or ``out``).
 
     Raises:
-        SlideError: when a spot centre lies outside the image (with ``check_bounds``).
+        SlideError: when a spot centre lies outside the image or a patch is larger than the
+            image (with ``check_bounds``).
     """
     p = int(patch_size)
     extent = patch_extent(slide, p, pixel_size_um)
@@ -143,6 +167,7 @@ def extract_patches(
     try:
         if check_bounds:
             check_spots_in_image(slide, img)
+            check_patch_fits(slide, extent, img)
         if out is None:
             out = np.empty((n, p, p, 3), dtype=np.uint8)
         elif tuple(out.shape) != (n, p, p, 3):
@@ -472,10 +497,22 @@ def _hest_store(slide, patch_size: int, pixel_size_um: float | None) -> PatchSto
 
     sid = slide_id_of(slide)
     path = Path(str(spatial_entry(slide).get("metadata", {}).get("hest_patches", "")))
-    with h5py.File(path, "r") as f:
+    with reading(path, "HEST patch file (HDF5 with img and barcode)"), h5py.File(path, "r") as f:
+        missing = [k for k in ("img", "barcode") if k not in f]
+        if missing:
+            raise Hest2sgeInputError(f"no {missing} dataset(s) in this HEST patch file",
+                                     path=path, hint="expected img (N x P x P x 3) and barcode (N)")
         shape = f["img"].shape
         raw = np.asarray(f["barcode"][()]).ravel()
+        n_coords = f["coords"].shape[0] if "coords" in f else None
         attr_px = float(f.attrs.get("pixel_size_um", float("nan")))
+    if len(shape) != 4 or shape[3] != 3 or len(raw) != shape[0] or n_coords not in (None, shape[0]):
+        raise Hest2sgeInputError(
+            f"inconsistent HEST patch file: img {tuple(shape)}, {len(raw)} barcodes"
+            + (f", {n_coords} coords" if n_coords is not None else ""),
+            path=path, hint="img must be N x P x P x 3 with one barcode (and coords row) per "
+            "patch; the file is damaged or was written incompletely: download it again",
+        )
     if shape[1] != int(patch_size) or shape[2] != int(patch_size):
         raise SlideError(
             f"slide {sid!r} has no image and its HEST patches {path} are {shape[1]} px, not "
@@ -488,6 +525,10 @@ def _hest_store(slide, patch_size: int, pixel_size_um: float | None) -> PatchSto
             stacklevel=3,
         )
     names = [b.decode() if isinstance(b, bytes) else str(b) for b in raw]
+    if len(set(names)) != len(names):
+        dup = sorted({b for b in names if names.count(b) > 1})[:3]
+        raise Hest2sgeInputError(f"duplicated barcodes {dup} in this HEST patch file",
+                                 path=path, hint="one patch per spot")
     where = {b: i for i, b in enumerate(names)}
     missing = [b for b in slide.obs_names if b not in where]
     if missing:

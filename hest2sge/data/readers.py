@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hest2sge.data.slide import (
+    POSITIVE_SCALEFACTORS,
     REQUIRED_OBS,
     SlideError,
     SlideImage,
@@ -32,6 +33,7 @@ from hest2sge.data.slide import (
     spatial_entry,
     validate_slide,
 )
+from hest2sge.errors import Hest2sgeInputError, reading
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -124,6 +126,57 @@ def _unique_names(names: Sequence[str]) -> list[str]:
     import pandas as pd
 
     return list(ad.utils.make_index_unique(pd.Index([str(n) for n in names])))
+
+
+def _check_header_unique(path: Path, sep: str, what: str, skip_first: bool) -> None:
+    """Duplicated column names in a table's header (pandas would silently rename the second
+    ``X`` to ``X.1``, which then looks like a gene of its own)."""
+    import pandas as pd
+
+    with reading(path, what):
+        head = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str,
+                           keep_default_na=False)
+    names = [str(v).strip() for v in head.iloc[0].tolist()] if len(head) else []
+    names = names[1:] if skip_first else names
+    seen: dict[str, int] = {}
+    dup = []
+    for i, n in enumerate(names):
+        if n in seen and n not in dup:
+            dup.append(n)
+        seen.setdefault(n, i)
+    if dup:
+        raise Hest2sgeInputError(
+            f"duplicated column name(s) {dup[:5]} in the header of this {what}",
+            path=path,
+            hint="each gene (column) must appear once; sum or drop the duplicated columns",
+        )
+
+
+def _numeric_table(df, path: Path, what: str) -> np.ndarray:
+    """The values of a counts table as float32, naming the first non-numeric, missing,
+    infinite or negative cell (file row = header line + 1-based data row)."""
+    import pandas as pd
+
+    text = [c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
+    values = df
+    if text:  # only columns pandas could not parse as numbers need a closer look
+        values = df.copy()
+        values[text] = values[text].apply(pd.to_numeric, errors="coerce")
+    arr = values.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        r, c = (int(v[0]) for v in np.nonzero(bad))
+        raw = df.iat[r, c]
+        kind = ("a negative count" if np.isfinite(arr[r, c]) else
+                "an infinite value" if np.isinf(arr[r, c]) else
+                "an empty cell" if _is_missing(raw) else "a non-numeric cell")
+        raise Hest2sgeInputError(
+            f"{kind} {raw!r} in this {what} (spot {df.index[r]!r}, {int(bad.sum())} bad "
+            "cell(s) in all)",
+            path=path, row=r + 2, column=str(df.columns[c]),
+            hint="counts must be finite, non-negative numbers",
+        )
+    return arr.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,11 +328,15 @@ def read_legacy_st(
     if image_path is not None:
         image_path = _require(Path(image_path), f"image of section {slide_id!r}")
 
-    counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    _check_header_unique(counts_path, "\t", "counts table", skip_first=True)
+    with reading(counts_path, "counts table (tab separated, optionally gzipped)"):
+        counts = pd.read_csv(counts_path, sep="\t", index_col=0)
     counts.index = counts.index.astype(str).str.strip()
     if counts.index.has_duplicates:
         dup = counts.index[counts.index.duplicated()][:5].tolist()
         raise SlideError(f"{counts_path}: duplicated spot rows {dup}")
+    if counts.shape[1] == 0:
+        raise SlideError(f"{counts_path}: the counts table has no gene columns")
     if len(counts) and not counts.index.str.fullmatch(r"\d+x\d+").all():
         bad = counts.index[~counts.index.str.fullmatch(r"\d+x\d+")][:3].tolist()
         raise SlideError(
@@ -288,7 +345,8 @@ def read_legacy_st(
         )
 
     sep = "," if spots_path.name.lower().endswith((".csv", ".csv.gz")) else "\t"
-    spots = pd.read_csv(spots_path, sep=sep)
+    with reading(spots_path, "spot file"):
+        spots = pd.read_csv(spots_path, sep=sep)
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
     if missing:
         raise SlideError(
@@ -296,15 +354,29 @@ def read_legacy_st(
             "expected x, y, pixel_x, pixel_y (and optionally selected)"
         )
     spots = spots.copy()
+    for c in ("x", "y", "pixel_x", "pixel_y"):
+        num = pd.to_numeric(spots[c], errors="coerce")
+        if not np.isfinite(num.to_numpy(dtype=np.float64)).all():
+            r = int(np.flatnonzero(~np.isfinite(num.to_numpy(dtype=np.float64)))[0])
+            raise Hest2sgeInputError(
+                f"non-numeric or missing value {spots[c].iloc[r]!r}", path=spots_path,
+                row=r + 2, column=c, hint="spot positions must be finite numbers",
+            )
+        spots[c] = num
     for c in ("x", "y"):
         if not np.allclose(spots[c], np.round(spots[c])):
             raise SlideError(f"{spots_path}: column {c!r} must hold integer array positions")
         spots[c] = np.round(spots[c]).astype(np.int64)
     spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
     if spots.index.has_duplicates:
-        dup = spots.index[spots.index.duplicated()][:5].tolist()
-        warnings.warn(f"{spots_path}: duplicated spots {dup}; keeping the first", stacklevel=2)
-        spots = spots[~spots.index.duplicated()]
+        dup = spots.index[spots.index.duplicated()].unique()[:5].tolist()
+        rows = (np.flatnonzero(spots.index.isin(dup[:1])) + 2).tolist()
+        raise Hest2sgeInputError(
+            f"duplicated spot(s) {dup} (spot {dup[0]!r} on lines {rows})",
+            path=spots_path,
+            hint="each array position x, y must appear once; remove the wrong row (which "
+            "pixel position is right cannot be decided here)",
+        )
 
     n_unselected = 0
     if "selected" in spots.columns:
@@ -328,7 +400,11 @@ def read_legacy_st(
             f"section {slide_id!r}: no two spots are adjacent on the array; pixel size unknown",
             stacklevel=2,
         )
-    width, height = _image_size(image_path) if image_path is not None else (None, None)
+    if image_path is not None:
+        with reading(image_path, "image"):
+            width, height = _image_size(image_path)
+    else:
+        width, height = None, None
     metadata = {
         "source": source,
         "counts_file": str(counts_path),
@@ -345,10 +421,10 @@ def read_legacy_st(
     }
     if image_path is not None:
         metadata.update(image_file=str(image_path), image_width=width, image_height=height)
-    x = sp.csr_matrix(counts.to_numpy(dtype=np.float32))
-    return make_slide(
+    x = sp.csr_matrix(_numeric_table(counts, counts_path, "counts table"))
+    slide = make_slide(
         x,
-        genes=_unique_names(counts.columns),
+        genes=[str(c).strip() for c in counts.columns],
         barcodes=list(kept),
         spatial=xy,
         array_row=rows,
@@ -361,6 +437,8 @@ def read_legacy_st(
         spot_diameter_fullres=ST_SPOT_DIAMETER_UM / px if math.isfinite(px) else None,
         metadata=metadata,
     )
+    validate_slide(slide, require_image=False, source=counts_path)  # image required above
+    return slide
 
 
 def _single_image(folder: Path, section: str) -> Path:
@@ -561,8 +639,22 @@ def read_10x_h5(path: PathLike) -> dict[str, Any]:
                 (g["data"][()], g["indices"][()], g["indptr"][()]), shape=shape
             )
             barcodes = _strs(g["barcodes"])
+    except Hest2sgeInputError:
+        raise
     except KeyError as err:
         raise SlideError(f"{path}: not a 10x feature-barcode matrix (missing {err})") from None
+    except (OSError, ValueError) as err:  # truncated / not HDF5 / inconsistent arrays
+        raise Hest2sgeInputError(
+            f"cannot read this 10x feature-barcode matrix ({type(err).__name__}: "
+            f"{str(err).strip()[:200]})", path=path,
+            hint="the file is truncated, corrupt or not a Cell Ranger / Space Ranger .h5; "
+            "check it or download it again",
+        ) from err
+    if len(barcodes) != mat.shape[1] or len(ids) != mat.shape[0]:
+        raise SlideError(
+            f"{path}: matrix shape {shape} does not match {len(ids)} features and "
+            f"{len(barcodes)} barcodes"
+        )
     x = sp.csr_matrix(mat.T, dtype=np.float32)
     if types is None:
         types = ["Gene Expression"] * len(ids)
@@ -589,7 +681,8 @@ def _read_positions(spatial_dir: Path):
         raise FileNotFoundError(
             f"spot positions not found: {v2} (Space Ranger 2.x) or {v1} (Space Ranger 1.x)"
         )
-    df = pd.read_csv(path, header=None, dtype=str)
+    with reading(path, "spot positions CSV"):
+        df = pd.read_csv(path, header=None, dtype=str)
     if len(df) and str(df.iloc[0, 0]).strip().lower() == "barcode":
         df.columns = [str(c).strip() for c in df.iloc[0]]
         df = df.iloc[1:].reset_index(drop=True)
@@ -615,6 +708,12 @@ def _read_positions(spatial_dir: Path):
             df[c] = df[c].astype(float)
     except ValueError as err:
         raise SlideError(f"{path}: non-numeric position values ({err})") from None
+    if df["barcode"].duplicated().any():
+        dup = df["barcode"][df["barcode"].duplicated()].unique()[:5].tolist()
+        raise Hest2sgeInputError(
+            f"duplicated barcode(s) {dup}", path=path,
+            hint="each barcode must have one position row",
+        )
     return df.set_index("barcode"), path
 
 
@@ -653,10 +752,20 @@ def read_visium(
     _require(matrix, "Visium count matrix")
     spatial_dir = _require(path / "spatial", "Visium spatial folder")
     scalef_path = _require(spatial_dir / "scalefactors_json.json", "Visium scale factors")
-    with open(scalef_path) as fh:
+    with reading(scalef_path, "scale factors JSON"), open(scalef_path) as fh:
         scalefactors = json.load(fh)
+    if not isinstance(scalefactors, dict):
+        raise Hest2sgeInputError("the scale factors must be a JSON object", path=scalef_path)
     if "spot_diameter_fullres" not in scalefactors:
         raise SlideError(f"{scalef_path}: no 'spot_diameter_fullres' entry")
+    for key in POSITIVE_SCALEFACTORS:
+        if key in scalefactors:
+            value = _float_or_nan(scalefactors[key])
+            if not value > 0:
+                raise Hest2sgeInputError(
+                    f"{key} = {scalefactors[key]!r} must be a positive number",
+                    path=scalef_path, hint="fix or regenerate the Space Ranger scale factors",
+                )
 
     mtx = read_10x_h5(matrix)
     pos, pos_path = _read_positions(spatial_dir)
@@ -724,7 +833,7 @@ def read_visium(
     adata.var["gene_ids"] = mtx["gene_ids"]
     adata.var["feature_types"] = mtx["feature_types"]
     entry = spatial_entry(adata)
-    entry["scalefactors"].update({k: float(v) for k, v in scalefactors.items()})
+    entry["scalefactors"].update({k: _float_or_nan(v) for k, v in scalefactors.items()})
     # scanpy/squidpy images: Space Ranger's own PNGs with their scale factors
     for res in ("hires", "lowres"):
         png = spatial_dir / f"tissue_{res}_image.png"
@@ -732,6 +841,7 @@ def read_visium(
             entry["images"][res] = load_image_array(png)
     if not all(r in entry["images"] for r in ("hires", "lowres")):
         add_scverse_images(adata)
+    validate_slide(adata, source=matrix)
     return adata
 
 
@@ -798,6 +908,13 @@ def _conform(
         rows, cols = grid_from_coords(xy)
         metadata = {**metadata, "array_grid": "derived from spot coordinates"}
     genes = _unique_names(adata.var_names)
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+        warnings.warn(
+            f"{name}: duplicated gene names {dup} were made unique the anndata way "
+            "('X', 'X-1', ...); sum them beforehand if they are the same gene",
+            stacklevel=3,
+        )
     slide = make_slide(
         x,
         genes=genes,
@@ -877,7 +994,8 @@ def read_h5ad(
     with warnings.catch_warnings():
         # barcodes often repeat across the sections of one file; checked per section below
         warnings.filterwarnings("ignore", message="Observation names are not unique")
-        adata = ad.read_h5ad(path)
+        with reading(path, "h5ad file"):
+            adata = ad.read_h5ad(path)
     return slides_from_anndata(adata, slide_id, patient_id, image=image,
                                require_image=require_image, name=str(path), source_file=path)
 
@@ -1011,9 +1129,23 @@ def slides_from_anndata(
                     scalefactors[f"tissue_{k}_scalef"])
         else:
             add_scverse_images(slide)
-        validate_slide(slide, require_image=require_image)
+        validate_slide(slide, require_image=require_image, source=src)
         slides.append(slide)
     return slides
+
+
+def _check_positive_meta(meta: dict[str, Any], path: Path) -> None:
+    """Pixel sizes, spot diameters and the image scale of HEST metadata must be positive."""
+    for key in ("pixel_size_um", "pixel_size_um_estimated", "pixel_size_um_embedded",
+                "spot_diameter", "spot_diameter_fullres", "image_scale"):
+        value = meta.get(key)
+        if _is_missing(value):
+            continue
+        if not _float_or_nan(value) > 0:
+            raise Hest2sgeInputError(
+                f"{key} = {value!r} must be a positive number (or absent/null when unknown)",
+                path=path,
+            )
 
 
 def _hest_wsi(root: Path, sid: str) -> Path | None:
@@ -1062,11 +1194,15 @@ def read_hest(root: PathLike, ids: Sequence[str] | str | None = None) -> list[An
         meta_path = root / "metadata" / f"{sid}.json"
         meta: dict[str, Any] = {}
         if meta_path.exists():
-            with open(meta_path) as fh:
+            with reading(meta_path, "HEST metadata JSON"), open(meta_path) as fh:
                 meta = json.load(fh)
+            if not isinstance(meta, dict):
+                raise Hest2sgeInputError("the metadata must be a JSON object", path=meta_path)
+            _check_positive_meta(meta, meta_path)
         else:
             warnings.warn(f"{meta_path} not found: pixel size and patient unknown", stacklevel=2)
-        adata = ad.read_h5ad(h5ad_path)
+        with reading(h5ad_path, "HEST expression file (h5ad)"):
+            adata = ad.read_h5ad(h5ad_path)
         name = str(h5ad_path)
         patient = meta.get("patient")
         if _is_missing(patient):
@@ -1117,7 +1253,7 @@ def read_hest(root: PathLike, ids: Sequence[str] | str | None = None) -> list[An
             scverse_images=False,
         )
         _hest_scverse_images(slide, old_images, scalefactors)
-        validate_slide(slide, require_image=wsi is not None)
+        validate_slide(slide, require_image=wsi is not None, source=h5ad_path)
         slides.append(slide)
     return slides
 

@@ -34,14 +34,23 @@ from typing import Any
 
 import numpy as np
 
+from hest2sge.errors import Hest2sgeInputError
+
 REQUIRED_OBS = ("slide_id", "patient_id", "array_row", "array_col")
+#: Scale factors that must be positive when present (NaN means unknown).
+POSITIVE_SCALEFACTORS = (
+    "spot_diameter_fullres",
+    "fiducial_diameter_fullres",
+    "tissue_hires_scalef",
+    "tissue_lowres_scalef",
+)
 #: Longest side of the scverse ``hires`` image (Space Ranger's hires PNG is 2000 px).
 HIRES_MAX_SIDE = 2000
 #: Longest side of the scverse ``lowres`` image (Space Ranger's lowres PNG is 600 px).
 LOWRES_MAX_SIDE = 600
 
 
-class SlideError(ValueError):
+class SlideError(Hest2sgeInputError):
     """Raised when a slide does not satisfy the hest2sge data contract."""
 
 
@@ -119,9 +128,12 @@ def make_slide(
     for key, values in (extra_obs or {}).items():
         obs[key] = list(values)
     var = pd.DataFrame(index=pd.Index([str(g) for g in genes], name=None))
+    _check_unique(var.index, f"slide {slide_id!r}: duplicated gene names",
+                  "genes must be unique (make them unique, e.g. anndata's var_names_make_unique, "
+                  "or sum the duplicated columns)")
+    _check_unique(obs.index, f"slide {slide_id!r}: duplicated spot barcodes",
+                  "each spot must appear once")
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
     adata.obsm["spatial"] = spatial
     entry: dict[str, Any] = {
         "image_path": "" if image_path is None else str(image_path),
@@ -148,6 +160,11 @@ def slide_id_of(adata) -> str:
     if "slide_id" not in adata.obs:
         raise SlideError("AnnData has no obs['slide_id'] column; is it a hest2sge slide?")
     ids = adata.obs["slide_id"].astype(str).unique()
+    if len(ids) == 0:
+        raise SlideError(
+            "the slide has no spots (0 rows): check the counts/positions files it was read "
+            "from and any spot filter (in_tissue, selected)"
+        )
     if len(ids) != 1:
         raise SlideError(f"expected one slide per AnnData, found slide_ids {sorted(ids)[:5]}")
     return str(ids[0])
@@ -174,16 +191,31 @@ def spatial_entry(adata) -> dict[str, Any]:
         ) from None
 
 
-def validate_slide(adata, require_image: bool = True) -> None:
+def validate_slide(adata, require_image: bool = True,
+                   source: str | os.PathLike | None = None) -> None:
     """Check that an AnnData satisfies the slide contract.
+
+    Checks the obs columns, finite spot coordinates, unique genes and barcodes, finite and
+    non-negative counts, a positive image scale, pixel size and scale factors (NaN means
+    unknown) and, with ``require_image``, an image reference.
 
     Args:
         adata: The slide.
         require_image: Also require an image reference (path or in-memory array).
+        source: File the slide was read from, named in the error.
 
     Raises:
-        SlideError: naming the first thing that is wrong.
+        SlideError: naming the first thing that is wrong (and ``source``).
     """
+    try:
+        _validate(adata, require_image)
+    except SlideError as err:
+        if source is None:
+            raise
+        raise SlideError(str(err), path=source) from None
+
+
+def _validate(adata, require_image: bool) -> None:
     missing = [c for c in REQUIRED_OBS if c not in adata.obs]
     if missing:
         raise SlideError(f"slide is missing obs column(s) {missing}; required: {list(REQUIRED_OBS)}")
@@ -198,23 +230,82 @@ def validate_slide(adata, require_image: bool = True) -> None:
         raise SlideError(
             f"slide {sid!r}: spot {adata.obs_names[bad]!r} has non-finite coordinates {xy[bad]}"
         )
-    if not adata.var_names.is_unique:
-        dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
-        raise SlideError(f"slide {sid!r}: duplicated gene names {dup}")
-    if adata.n_obs and _min_value(adata.X) < 0:
-        raise SlideError(f"slide {sid!r}: X must hold raw (non-negative) counts")
+    _check_unique(adata.var_names, f"slide {sid!r}: duplicated gene names",
+                  "genes must be unique")
+    _check_unique(adata.obs_names, f"slide {sid!r}: duplicated spot barcodes",
+                  "each spot must appear once")
+    if adata.n_obs:
+        _check_counts(adata.X, adata.obs_names, adata.var_names, sid)
+    uns_spatial = adata.uns.get("spatial")
+    entry = uns_spatial.get(sid) if isinstance(uns_spatial, dict) else None
+    if isinstance(entry, dict):
+        _check_scales(entry, sid)
     if require_image:
         entry = spatial_entry(adata)
         if not entry.get("image_path") and "fullres" not in entry.get("images", {}):
             raise SlideError(f"slide {sid!r} has neither an image_path nor an in-memory image")
 
 
-def _min_value(x) -> float:
+def _check_unique(names, what: str, hint: str) -> None:
+    import pandas as pd
+
+    names = pd.Index(names)
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise SlideError(f"{what} {dup}", hint=hint)
+
+
+def _check_counts(x, barcodes, genes, sid: str) -> None:
+    """Counts must be finite and non-negative; name the first offending spot and gene."""
     import scipy.sparse as sp
 
-    if sp.issparse(x):
-        return float(min(x.data.min(), 0.0)) if x.nnz else 0.0
-    return float(np.min(x))
+    data = x.data if sp.issparse(x) else np.asarray(x)
+    if data.size == 0 or not np.issubdtype(data.dtype, np.number):
+        return
+    for bad, what, hint in (
+        (~np.isfinite(data), "non-finite count", "X must hold raw counts: no NaN or inf "
+         "(a missing or non-numeric cell in the counts file?)"),
+        (data < 0, "negative count", "X must hold raw (non-negative) counts, not log or "
+         "scaled values (put raw counts in X or layers['counts'])"),
+    ):
+        if bad.any():  # locate the first offender only now (the common case stays cheap)
+            n = int(bad.sum())
+            if sp.issparse(x):
+                coo = sp.coo_matrix(x)
+                mask = ~np.isfinite(coo.data) if what.startswith("non") else coo.data < 0
+                k = int(np.flatnonzero(mask)[0])
+                r, c, value = int(coo.row[k]), int(coo.col[k]), float(coo.data[k])
+            else:
+                r, c = (int(v[0]) for v in np.nonzero(bad))
+                value = float(data[r, c])
+            raise SlideError(
+                f"slide {sid!r}: {what} {value} at spot {barcodes[r]!r}, gene {genes[c]!r}"
+                f"{f' (and {n - 1} more)' if n > 1 else ''}",
+                hint=hint,
+            )
+
+
+def _check_scales(entry: dict[str, Any], sid: str) -> None:
+    """Image scale, pixel size and scale factors must be positive (NaN: unknown)."""
+    values = [("image_scale", entry.get("image_scale", 1.0), False),
+              ("pixel_size_um", entry.get("pixel_size_um"), True)]
+    sf = entry.get("scalefactors") or {}
+    values += [(f"scalefactors[{k!r}]", sf.get(k), True) for k in POSITIVE_SCALEFACTORS if k in sf]
+    for name, value, nan_ok in values:
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise SlideError(f"slide {sid!r}: {name} = {value!r} is not a number") from None
+        if np.isnan(v) and nan_ok:
+            continue
+        if not (np.isfinite(v) and v > 0):
+            raise SlideError(
+                f"slide {sid!r}: {name} = {value!r} must be a positive number",
+                hint="fix the scale factors / metadata of the slide (a zero, negative or "
+                "infinite value makes pixel sizes and patch extents meaningless)",
+            )
 
 
 def _as_rgb_uint8(img: np.ndarray, name: str) -> np.ndarray:
@@ -240,8 +331,9 @@ def load_image_array(path: str | os.PathLike, max_pixels: int | str | None = Non
     reads regions lazily through :class:`SlideImage`.
     """
     from hest2sge.data.images import open_image
+    from hest2sge.errors import reading
 
-    with open_image(path, max_pixels=max_pixels) as img:
+    with reading(path, "image"), open_image(path, max_pixels=max_pixels) as img:
         return _as_rgb_uint8(img.read_level(0), str(path))
 
 
@@ -413,8 +505,10 @@ def read_thumbnail(path: str | os.PathLike, max_side: int) -> tuple[np.ndarray, 
 
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # JPEGs are decoded at reduced scale below
+    from hest2sge.errors import reading
+
     try:
-        with Image.open(path) as im:
+        with reading(path, "image"), Image.open(path) as im:
             full_w, full_h = im.size
             if im.format != "JPEG":
                 Image.MAX_IMAGE_PIXELS = old

@@ -5,11 +5,18 @@ per-gene metrics of each slide on the model's own target scale (AUC on raw count
 them over the slides of a patient and then over genes (NaN-aware), and logs ``val/pcc``,
 ``val/ssim``, ... so that ``ModelCheckpoint(monitor="val/pcc", mode="max")`` picks the best
 epoch. Test runs also produce a per-(slide, gene) table.
+
+Degenerate slides (fewer than two spots, or targets constant for every gene) have undefined
+correlations and misleading errors (a one-spot slide has JS divergence 0 and an infinite
+range-normalised RMSE). They are excluded from the table and from the logged means with a
+warning naming them (``SpotMetrics.excluded``); when every slide is degenerate the evaluation
+raises instead of logging NaN, so ``ModelCheckpoint(monitor="val/pcc")`` never selects on NaN.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +38,7 @@ class SpotMetrics(pl.Callback):
     Attributes:
         table: ``pandas.DataFrame`` of the last evaluation, one row per (slide, gene).
         summary: Dict of the last logged values.
+        excluded: Degenerate slides left out of the last evaluation, slide id -> reason.
     """
 
     def __init__(
@@ -46,6 +54,7 @@ class SpotMetrics(pl.Callback):
         self._buf: list[dict[str, np.ndarray]] = []
         self.table = None
         self.summary: dict[str, float] = {}
+        self.excluded: dict[str, str] = {}
 
     # -------------------------------------------------------------- collection
     def _reset(self, *args: Any) -> None:
@@ -112,16 +121,72 @@ class SpotMetrics(pl.Callback):
         if not data:
             return
         dm = trainer.datamodule
+        slide_ids = getattr(dm, "slide_ids", None)
+        data, self.excluded = drop_degenerate_slides(data, slide_ids)
+        if self.excluded:
+            warnings.warn(
+                f"SpotMetrics ({stage}): degenerate slide(s) excluded from the {stage} metrics: "
+                + "; ".join(f"{k} ({v})" for k, v in self.excluded.items()),
+                stacklevel=2,
+            )
+        if not len(data["slide"]):
+            if trainer.sanity_checking:  # a few sanity batches may hold too few spots
+                return
+            from hest2sge.errors import Hest2sgeInputError
+
+            raise Hest2sgeInputError(
+                f"SpotMetrics: every {stage} slide is degenerate ("
+                + "; ".join(f"{k}: {v}" for k, v in self.excluded.items())
+                + f"), so {stage}/pcc and the other metrics are undefined",
+                hint=f"put slides with at least two spots and varying expression in the "
+                f"{stage} split",
+            )
         genes = list(getattr(pl_module, "genes", None) or [])
         table = evaluate_predictions(
             data["pred"], data["expr"], data["counts"], data["slide"],
-            slide_ids=getattr(dm, "slide_ids", None), patient_ids=getattr(dm, "patient_ids", None),
+            slide_ids=slide_ids, patient_ids=getattr(dm, "patient_ids", None),
             genes=genes or None,
         )
         self.table = table
         self.summary = summarise(table, self.logged)
         for name, value in self.summary.items():
             pl_module.log(f"{stage}/{name}", float(value), sync_dist=False, prog_bar=name == "pcc")
+
+
+def drop_degenerate_slides(
+    data: dict[str, np.ndarray], slide_ids: list[str] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Remove the rows of slides whose metrics are undefined.
+
+    A slide is degenerate when it has fewer than two spots or when its targets (``expr``)
+    are constant for every gene (no correlation, SSIM or AUC is defined there).
+
+    Args:
+        data: Stacked arrays with at least ``slide`` (N,) and ``expr`` (N, G).
+        slide_ids: Names indexed by slide index (default: the index).
+
+    Returns:
+        The arrays without those rows, and ``{slide id: reason}`` of the removed slides.
+    """
+    slide = np.asarray(data["slide"]).reshape(-1)
+    expr = np.asarray(data["expr"])
+    keep = np.ones(len(slide), dtype=bool)
+    excluded: dict[str, str] = {}
+    for s in np.unique(slide):
+        m = slide == s
+        n = int(m.sum())
+        name = slide_ids[int(s)] if slide_ids is not None and 0 <= int(s) < len(slide_ids) \
+            else str(int(s))
+        if n < 2:
+            excluded[name] = f"{n} spot"
+        elif not np.any(np.nanmax(expr[m], 0) > np.nanmin(expr[m], 0)):
+            excluded[name] = f"targets constant for every gene over its {n} spots"
+        else:
+            continue
+        keep &= ~m
+    if not excluded:
+        return data, excluded
+    return {k: v[keep] for k, v in data.items()}, excluded
 
 
 def evaluate_predictions(

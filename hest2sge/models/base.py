@@ -10,6 +10,8 @@ not MSE, ``loss(out, batch)``.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hest2sge.errors import Hest2sgeInputError, check_arg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,30 +123,47 @@ class SpotModel(pl.LightningModule):
         target_transform: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        genes = _check_genes(genes, owner)
+        if n_genes is not None:
+            n_genes = _check_int(n_genes, "n_genes", owner, minimum=1)
         if genes is not None:
-            genes = [str(g) for g in genes]
             if n_genes is not None and n_genes != len(genes):
-                raise ValueError(f"n_genes={n_genes} but {len(genes)} genes were given")
+                raise Hest2sgeInputError(
+                    f"{owner}: n_genes={n_genes} but {len(genes)} genes were given; pass one "
+                    "of them"
+                )
             n_genes = len(genes)
-        if n_genes is None or n_genes < 1:
-            raise ValueError(
-                f"{type(self).__name__} needs its gene panel: pass genes=dm.genes "
+        if n_genes is None:
+            raise Hest2sgeInputError(
+                f"{owner} needs its gene panel: pass genes=dm.genes "
                 "(or n_genes=... when names are unknown)"
             )
+        _check_real(lr, "lr", owner, positive=True)
+        _check_real(weight_decay, "weight_decay", owner)
+        _check_real(momentum, "momentum", owner, upper=1.0)
+        _check_int(scheduler_step, "scheduler_step", owner, minimum=1)
+        _check_real(scheduler_gamma, "scheduler_gamma", owner, positive=True)
+        check_arg(target_transform is None or isinstance(target_transform, dict),
+                  "target_transform", target_transform, "None or a dict spec such as "
+                  "{'kind': 'log_norm'}", owner)
         self.genes: list[str] | None = genes
         self.n_genes = int(n_genes)
-        self.patch_size = int(patch_size)
+        self.patch_size = _check_int(patch_size, "patch_size", owner, minimum=1)
         if optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
+            raise Hest2sgeInputError(f"{owner}: optimizer must be 'adam', 'adamw' or 'sgd', "
+                                     f"got {optimizer!r}")
         if scheduler not in (None, "none", "cosine", "step"):
-            raise ValueError(f"scheduler must be None, 'cosine' or 'step', got {scheduler!r}")
+            raise Hest2sgeInputError(f"{owner}: scheduler must be None, 'cosine' or 'step', "
+                                     f"got {scheduler!r}")
         mean, std = {
             "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
             "half": ((0.5,) * 3, (0.5,) * 3),
             "none": ((0.0,) * 3, (1.0,) * 3),
         }.get(normalize, (None, None))
         if mean is None:
-            raise ValueError(f"normalize must be 'imagenet', 'half' or 'none', got {normalize!r}")
+            raise Hest2sgeInputError(f"{owner}: normalize must be 'imagenet', 'half' or 'none', "
+                                     f"got {normalize!r}")
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.fitted_target_transform: dict[str, Any] | None = None
@@ -304,10 +325,78 @@ class SpotModel(pl.LightningModule):
         }
         # Store hyperparameters as a plain dict so weights_only loading needs no allow-list.
         checkpoint["hyper_parameters"] = _plain(dict(self.hparams))
+        # Global random generators (python, numpy, torch): exact resume (hest2sge.rng).
+        from hest2sge.rng import capture_rng_state
+
+        checkpoint["hest2sge_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("hest2sge") or {}
         self.fitted_target_transform = meta.get("target_transform")
+        # A resumed fit continues the generators where the checkpoint left them (before the
+        # loaders are built and iterated); loading weights for inference leaves them alone.
+        state = checkpoint.get("hest2sge_rng")
+        trainer = self._trainer
+        if state is not None and trainer is not None and trainer.state.fn == "fit":
+            from hest2sge.rng import restore_rng_state
+
+            restore_rng_state(state)
+
+
+def _check_genes(genes: Any, owner: str) -> list[str] | None:
+    """A gene panel: a non-empty sequence of unique, non-missing names (not one string)."""
+    if genes is None:
+        return None
+    if isinstance(genes, (str, bytes)):
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes={genes!r} is a single string; pass a list of gene names "
+            f"(e.g. genes=[{genes!r}] or genes=dm.genes)"
+        )
+    if isinstance(genes, dict) or not hasattr(genes, "__iter__"):
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes must be a list of gene names, got {type(genes).__name__}"
+        )
+    names = list(genes)
+    bad = [g for g in names if g is None or (isinstance(g, float) and math.isnan(g))
+           or not str(g).strip()]
+    if bad:
+        raise Hest2sgeInputError(f"{owner}: argument genes holds missing/empty names {bad[:5]}")
+    names = [str(g) for g in names]
+    if not names:
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes is empty; the model needs at least one gene (did the "
+            "gene selection rule keep none? check dm.genes)"
+        )
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = [g for g in names if g in seen or seen.add(g)]
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes has duplicated names {sorted(set(dup))[:5]}; each gene "
+            "must appear once"
+        )
+    return names
+
+
+def _check_int(value: Any, name: str, owner: str, minimum: int | None = None) -> int:
+    """An integer argument (integral floats such as 3.0 accepted; 2.5, "3", True are not)."""
+    ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    check_arg(ok and (minimum is None or value >= minimum), name, value, expected, owner)
+    return int(value)
+
+
+def _check_real(value: Any, name: str, owner: str, positive: bool = False,
+                upper: float | None = None) -> float:
+    """A finite real argument, > 0 (``positive``) or >= 0, and <= ``upper``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value)) and (float(value) > 0 if positive
+                                                 else float(value) >= 0)
+    ok = ok and (upper is None or float(value) <= upper)
+    expected = ("a positive" if positive else "a non-negative") + " finite number" + (
+        f" <= {upper:g}" if upper is not None else "")
+    check_arg(ok, name, value, expected, owner)
+    return float(value)
 
     # ------------------------------------------------------------------ fine-tuning, sharing
     def trunk(self) -> list[torch.nn.Module]:
@@ -414,13 +503,17 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
     map_location = overrides.pop("map_location", "cpu")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise ValueError(
-            f"{path} could not be read as a weights-only checkpoint ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0][:200]}); "
-            "hest2sge never unpickles arbitrary objects"
+    except Exception as e:  # pickle.UnpicklingError, EOFError (empty file) and friends
+        from hest2sge.errors import _first_line
+
+        raise Hest2sgeInputError(
+            f"could not be read as a weights-only checkpoint ({_first_line(e)[:250]}); "
+            "hest2sge never unpickles arbitrary objects",
+            path=path,
+            hint="is it a complete checkpoint written by hest2sge / Lightning (an empty or "
+            "truncated file is what an interrupted save leaves)?",
         ) from None
-    meta = ckpt.get("hest2sge")
+    meta = ckpt.get("hest2sge") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{path} is not a hest2sge checkpoint (no 'hest2sge' section)")
     ck_name = meta["model"]
