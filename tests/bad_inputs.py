@@ -811,12 +811,23 @@ def c_checkpoint_malicious_pickle(tmp):
     return Probe(call, path.name)
 
 
-@case()
+@case(kind="warn")
 def c_checkpoint_gene_subset(tmp):
+    import torch
+
     import hest2sge
 
     path = _checkpoint(tmp, genes=("A", "B", "C"))
-    return Probe(lambda: hest2sge.load(checkpoint=path, genes=["A", "B"]), "subset")
+    full = hest2sge.load(checkpoint=path)
+
+    def check(sub):
+        # A subset of the panel keeps the trained head rows of those genes (issue 8's
+        # fine-tuning path), and says so.
+        assert sub.genes == ["A", "B"] and sub.finetune_report["new_genes"] == 0
+        torch.testing.assert_close(sub.head.weight, full.head.weight[:2])
+
+    return Probe(lambda: hest2sge.load(checkpoint=path, genes=["A", "B"]),
+                 "adapted to a new gene panel", check)
 
 
 # --------------------------------------------------------------------------------------------

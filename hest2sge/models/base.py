@@ -342,62 +342,6 @@ class SpotModel(pl.LightningModule):
 
             restore_rng_state(state)
 
-
-def _check_genes(genes: Any, owner: str) -> list[str] | None:
-    """A gene panel: a non-empty sequence of unique, non-missing names (not one string)."""
-    if genes is None:
-        return None
-    if isinstance(genes, (str, bytes)):
-        raise Hest2sgeInputError(
-            f"{owner}: argument genes={genes!r} is a single string; pass a list of gene names "
-            f"(e.g. genes=[{genes!r}] or genes=dm.genes)"
-        )
-    if isinstance(genes, dict) or not hasattr(genes, "__iter__"):
-        raise Hest2sgeInputError(
-            f"{owner}: argument genes must be a list of gene names, got {type(genes).__name__}"
-        )
-    names = list(genes)
-    bad = [g for g in names if g is None or (isinstance(g, float) and math.isnan(g))
-           or not str(g).strip()]
-    if bad:
-        raise Hest2sgeInputError(f"{owner}: argument genes holds missing/empty names {bad[:5]}")
-    names = [str(g) for g in names]
-    if not names:
-        raise Hest2sgeInputError(
-            f"{owner}: argument genes is empty; the model needs at least one gene (did the "
-            "gene selection rule keep none? check dm.genes)"
-        )
-    if len(set(names)) != len(names):
-        seen: set[str] = set()
-        dup = [g for g in names if g in seen or seen.add(g)]
-        raise Hest2sgeInputError(
-            f"{owner}: argument genes has duplicated names {sorted(set(dup))[:5]}; each gene "
-            "must appear once"
-        )
-    return names
-
-
-def _check_int(value: Any, name: str, owner: str, minimum: int | None = None) -> int:
-    """An integer argument (integral floats such as 3.0 accepted; 2.5, "3", True are not)."""
-    ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
-        isinstance(value, float) and value.is_integer())
-    expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-    check_arg(ok and (minimum is None or value >= minimum), name, value, expected, owner)
-    return int(value)
-
-
-def _check_real(value: Any, name: str, owner: str, positive: bool = False,
-                upper: float | None = None) -> float:
-    """A finite real argument, > 0 (``positive``) or >= 0, and <= ``upper``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(float(value)) and (float(value) > 0 if positive
-                                                 else float(value) >= 0)
-    ok = ok and (upper is None or float(value) <= upper)
-    expected = ("a positive" if positive else "a non-negative") + " finite number" + (
-        f" <= {upper:g}" if upper is not None else "")
-    check_arg(ok, name, value, expected, owner)
-    return float(value)
-
     # ------------------------------------------------------------------ fine-tuning, sharing
     def trunk(self) -> list[torch.nn.Module]:
         """The pretrained feature extractor(s) (``trunk_modules``, else ``backbone``)."""
@@ -457,6 +401,62 @@ def _check_real(value: Any, name: str, owner: str, positive: bool = False,
         if cls is not SpotModel and not isinstance(model, cls):
             raise TypeError(f"{path_or_repo} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
+
+
+def _check_genes(genes: Any, owner: str) -> list[str] | None:
+    """A gene panel: a non-empty sequence of unique, non-missing names (not one string)."""
+    if genes is None:
+        return None
+    if isinstance(genes, (str, bytes)):
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes={genes!r} is a single string; pass a list of gene names "
+            f"(e.g. genes=[{genes!r}] or genes=dm.genes)"
+        )
+    if isinstance(genes, dict) or not hasattr(genes, "__iter__"):
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes must be a list of gene names, got {type(genes).__name__}"
+        )
+    names = list(genes)
+    bad = [g for g in names if g is None or (isinstance(g, float) and math.isnan(g))
+           or not str(g).strip()]
+    if bad:
+        raise Hest2sgeInputError(f"{owner}: argument genes holds missing/empty names {bad[:5]}")
+    names = [str(g) for g in names]
+    if not names:
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes is empty; the model needs at least one gene (did the "
+            "gene selection rule keep none? check dm.genes)"
+        )
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = [g for g in names if g in seen or seen.add(g)]
+        raise Hest2sgeInputError(
+            f"{owner}: argument genes has duplicated names {sorted(set(dup))[:5]}; each gene "
+            "must appear once"
+        )
+    return names
+
+
+def _check_int(value: Any, name: str, owner: str, minimum: int | None = None) -> int:
+    """An integer argument (integral floats such as 3.0 accepted; 2.5, "3", True are not)."""
+    ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    check_arg(ok and (minimum is None or value >= minimum), name, value, expected, owner)
+    return int(value)
+
+
+def _check_real(value: Any, name: str, owner: str, positive: bool = False,
+                upper: float | None = None) -> float:
+    """A finite real argument, > 0 (``positive``) or >= 0, and <= ``upper``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value)) and (float(value) > 0 if positive
+                                                 else float(value) >= 0)
+    ok = ok and (upper is None or float(value) <= upper)
+    expected = ("a positive" if positive else "a non-negative") + " finite number" + (
+        f" <= {upper:g}" if upper is not None else "")
+    check_arg(ok, name, value, expected, owner)
+    return float(value)
 
 
 def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger("hest2sge")
+
+
+class FinetuneWarning(UserWarning):
+    """A checkpoint was adapted to a new gene panel (the head re-initialised for new genes)."""
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -125,13 +130,15 @@ def adapt_to_panel(cls: type, hparams: dict[str, Any], state_dict: dict[str, Ten
               "old_panel": len(old_genes or []), "reinitialised": headed,
               "not_restored": dropped}
     model.finetune_report = report
-    log.warning(
-        "%s from %s adapted to a new gene panel: %d gene(s) shared with the old panel of %d "
-        "keep their trained head weights, %d new gene(s) start from a fresh initialisation "
-        "(weights with a gene dimension: %s); everything else is the trained model%s.",
-        cls.__name__, source, len(shared), len(old_genes or []), len(genes) - len(shared),
-        ", ".join(headed) or "none",
-        f" (not restored: {', '.join(dropped)})" if dropped else "")
+    message = (
+        f"{cls.__name__} from {source} adapted to a new gene panel: {len(shared)} gene(s) "
+        f"shared with the old panel of {len(old_genes or [])} keep their trained head weights, "
+        f"{len(genes) - len(shared)} new gene(s) start from a fresh initialisation (weights "
+        f"with a gene dimension: {', '.join(headed) or 'none'}); everything else is the "
+        f"trained model" + (f" (not restored: {', '.join(dropped)})" if dropped else "") + "."
+    )
+    log.warning(message)
+    warnings.warn(message, FinetuneWarning, stacklevel=3)
     return model
 
 
