@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hest2sge demo --out demo_output
 
 test: $(STAMP)
-	$(PY) -m ruff check hest2sge tests benchmarks
+	$(PY) -m ruff check hest2sge tests benchmarks examples
 	$(PY) -m pytest -q tests
 	$(MAKE) docs
 
@@ -33,7 +33,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 lint: $(STAMP)
-	$(PY) -m ruff check hest2sge tests benchmarks
+	$(PY) -m ruff check hest2sge tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache site
