@@ -8,6 +8,7 @@ every deliberate difference from the original code.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mkdocs.structure.files import File, Files
@@ -124,14 +125,39 @@ def _index_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _notebooks(config: Any) -> list[Path]:
+    root = Path(config["config_file_path"]).resolve().parent
+    return sorted((root / "examples" / "notebooks").glob("*.py"))
+
+
+def _notebook_page(path: Path) -> str:
+    """A notebook (jupytext percent script) as a Markdown page: its Markdown cells as text,
+    its code cells as Python blocks (not executed at build time; the test suite runs them)."""
+    import jupytext
+
+    nb = jupytext.read(path)
+    parts = [f"<!-- generated from examples/notebooks/{path.name} -->", ""]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts += [cell.source, ""]
+        elif cell.source.strip():
+            parts += ["```python", cell.source, "```", ""]
+    parts += [f"*Source: `examples/notebooks/{path.name}` (a jupytext percent script: open it "
+              "in Jupyter with jupytext installed, or run `jupytext --to ipynb` on it).*", ""]
+    return "\n".join(parts)
+
+
 def on_config(config: Any) -> Any:
-    """Expand the ``Models`` nav entry into one page per registered model."""
+    """Expand the ``Models`` and ``Notebooks`` nav entries into one page per model/notebook."""
     nav = config["nav"] or []
     for i, entry in enumerate(nav):
         if isinstance(entry, dict) and entry.get("Models") == "models/index.md":
             pages = [{"Overview": "models/index.md"}]
             pages += [{name: f"models/{name}.md"} for name in _models()]
             nav[i] = {"Models": pages}
+        if isinstance(entry, dict) and entry.get("Notebooks") == "notebooks":
+            nav[i] = {"Notebooks": [{p.stem.split("_", 1)[-1].replace("_", " ").capitalize():
+                                     f"notebooks/{p.stem}.md"} for p in _notebooks(config)]}
     return config
 
 
@@ -140,4 +166,7 @@ def on_files(files: Files, config: Any) -> Files:
     files.append(File.generated(config, "models/index.md", content=_index_page()))
     for name in _models():
         files.append(File.generated(config, f"models/{name}.md", content=_model_page(name)))
+    for path in _notebooks(config):
+        files.append(File.generated(config, f"notebooks/{path.stem}.md",
+                                    content=_notebook_page(path)))
     return files
