@@ -44,7 +44,7 @@ _LAZY = {
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
     "predict": ("hest2sge.predict", "predict"),
 }
-_SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting"}
+_SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting", "cache"}
 
 
 def __getattr__(name: str) -> Any:

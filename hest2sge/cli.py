@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models_table(argv[1:])
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "survival":  # Cox survival on pseudobulk + clinical tables
+        from hest2sge.translational.survival_cli import main as survival_main
+
+        return survival_main(argv[1:])
     lightning_cli(argv)
     return 0
 

@@ -46,6 +46,17 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
         yield prepare_batch(batch, keep_uint8=getattr(model, "accepts_uint8_img", False))
 
 
+def _scverse_entry(slide) -> dict[str, Any]:
+    """A copy of the slide's ``uns["spatial"]`` entry with scanpy/squidpy ``hires``/``lowres``
+    images (added when the slide lacks them), so ``sc.pl.spatial`` works on predictions."""
+    from hest2sge.data.slide import add_scverse_images_to_entry
+
+    entry = dict(slide.uns["spatial"][slide_id_of(slide)])
+    entry["images"] = dict(entry.get("images", {}))
+    entry["scalefactors"] = dict(entry.get("scalefactors", {}))
+    return add_scverse_images_to_entry(entry)
+
+
 @torch.no_grad()
 def predict(
     model: Any,
@@ -72,8 +83,10 @@ def predict(
     Returns:
         AnnData with the slide's spots, ``var_names`` = the model's genes, predictions in
         ``X`` and ``layers["pred"]`` (on the model's target scale), the slide's raw counts of
-        those genes in ``layers["counts"]`` when the slide has them, and the slide's
-        ``obsm["spatial"]`` and ``uns["spatial"]``.
+        those genes in ``layers["counts"]`` when the slide has them (and their library sizes
+        over all genes in ``obs["total_counts_all"]``), and the slide's ``obsm["spatial"]`` and
+        ``uns["spatial"]`` with scanpy/squidpy ``hires``/``lowres`` images: ``sc.pl.spatial``
+        and ``squidpy.pl.spatial_scatter`` work on it as it is.
     """
     import anndata as ad
 
@@ -106,8 +119,11 @@ def predict(
 
         out.layers["counts"] = _dense(slide[:, list(genes)].X)
     out.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
-    out.uns["spatial"] = {slide_id_of(slide): slide.uns["spatial"][slide_id_of(slide)]}
+    if slide.n_vars:  # library sizes over all genes, for transforms with library="all"
+        out.obs["total_counts_all"] = np.asarray(slide.X.sum(1), dtype=np.float64).ravel()
+    out.uns["spatial"] = {slide_id_of(slide): _scverse_entry(slide)}
     out.uns["hest2sge"] = {"model": model.model_name, "resolution": "spot",
+                           "n_genes_all": int(slide.n_vars),
                            "target_transform": model.fitted_target_transform
                            or model.target_transform_spec()}
     return out

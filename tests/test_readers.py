@@ -281,20 +281,29 @@ def test_hest_round_trip(tmp_path, her2st, visium):
         validate_slide(b)
         assert (a.X != b.X).nnz == 0
         assert list(a.var_names) == list(b.var_names) and list(a.obs_names) == list(b.obs_names)
-        np.testing.assert_array_equal(a.obsm["spatial"], b.obsm["spatial"])
+        ea, eb = _entry(a), _entry(b)
+        # one frame: a slide whose image is not full resolution (Visium hires only) is
+        # written in the frame of that image
+        frame = ea["image_scale"]
+        np.testing.assert_allclose(b.obsm["spatial"], a.obsm["spatial"] * frame, rtol=1e-12)
         pd.testing.assert_frame_equal(a.obs[["patient_id", "array_row", "array_col"]],
                                       b.obs[["patient_id", "array_row", "array_col"]])
-        ea, eb = _entry(a), _entry(b)
         assert eb["image_path"].endswith(f"wsis/{_sid(a)}.tif")
-        for key in ("image_scale", "pixel_size_um"):
-            assert ea[key] == pytest.approx(eb[key])
+        assert eb["image_scale"] == 1.0
+        assert eb["pixel_size_um"] == pytest.approx(ea["pixel_size_um"] / frame)
         idx = [0, a.n_obs // 2, a.n_obs - 1]
-        pa = extract_patches(a[idx].copy(), 224)
-        np.testing.assert_array_equal(pa, extract_patches(b[idx].copy(), 224))
+        um = 2.0 * ea["pixel_size_um"]  # same tissue area whatever the frame
+        pa = extract_patches(a[idx].copy(), 64, pixel_size_um=um)
+        np.testing.assert_array_equal(pa, extract_patches(b[idx].copy(), 64, pixel_size_um=um))
+        pn = extract_patches(a[idx].copy(), 224)
         with h5py.File(tmp_path / "patches" / f"{_sid(a)}.h5") as f:
             assert f["img"].shape == (a.n_obs, 224, 224, 3)
-            np.testing.assert_array_equal(f["img"][idx], pa)
-            assert [v.decode() for v in f["barcode"][idx]] == list(a.obs_names[idx])
+            np.testing.assert_array_equal(f["img"][idx], pn)
+            assert [v.decode() for v in f["barcode"][idx, 0]] == list(a.obs_names[idx])
+            # HEST convention: top-left corner of each patch in level-0 pixels
+            extent = 224 * frame
+            np.testing.assert_allclose(f["coords"][idx] + extent / 2, b.obsm["spatial"][idx],
+                                       atol=0.5 + 1e-9)
     assert list(back["visium_v1"].var["gene_ids"]) == list(visium.var["gene_ids"])
 
 
@@ -416,5 +425,7 @@ def test_h5ad_scanpy_style_and_errors(tmp_path, visium, visium_root):
 
 
 def test_readers_do_not_load_images(her2st):
-    for slide in her2st.values():
-        assert _entry(slide)["images"] == {}
+    for slide in her2st.values():  # only the scverse thumbnails are held in memory
+        images = _entry(slide)["images"]
+        assert set(images) == {"hires", "lowres"}
+        assert max(images["hires"].shape[:2]) == 2000 and max(images["lowres"].shape[:2]) == 600

@@ -2,10 +2,9 @@
 
 Patches are cut once per (slide, patch size, pixel size) and stored in the HEST-1k patch layout:
 ``img`` (N x P x P x 3 uint8), ``coords`` (N x 2, spot centres (x, y) in full-resolution
-pixels) and ``barcode`` (N, bytes). The file attributes record the patch parameters, a
-fingerprint of the inputs and a ``complete`` marker; a cache file is trusted only when both
-match. Files are written to a temporary name in the same folder and renamed into place, so an
-interrupted run never leaves a file that is later trusted.
+pixels) and ``barcode`` (N, bytes), through the one cache layer :mod:`hest2sge.cache`
+(fingerprinted, written atomically, a checksum per dataset verified on open: a damaged file is
+rebuilt with a warning, never served).
 
 :class:`PatchStore` gives indexed access to the patches of one slide, from memory or from the
 cache file; it opens the file lazily in each process, so it can be handed to DataLoader
@@ -14,14 +13,9 @@ workers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
-import socket
-import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +27,11 @@ from hest2sge.data.slide import SlideError, SlideImage, slide_id_of, spatial_ent
 
 log = logging.getLogger(__name__)
 
-#: ``format`` attribute of patch files written by hest2sge.
-CACHE_FORMAT = "hest2sge.patches"
-#: Bump when the file layout or the way patches are cut changes: older caches are rebuilt.
+#: ``patch_format`` attribute of patch cache files written by hest2sge.
+PATCH_FORMAT = CACHE_FORMAT = "hest2sge.patches"
+#: Bump when the way patches are cut changes: older caches are rebuilt.
 CACHE_VERSION = 1
 _BLOCK = 64
-_STALE_SECONDS = 24 * 3600
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,82 +332,76 @@ class PatchStore:
 # the cache
 # --------------------------------------------------------------------------------------------
 def _image_fingerprint(slide) -> dict[str, Any]:
+    """Identity of a slide's image: a digest of an in-memory array, or the file's
+    :func:`hest2sge.cache.file_fingerprint` (path, size, mtime and sampled content)."""
+    from hest2sge.cache import array_digest, file_fingerprint
+
     entry = spatial_entry(slide)
     arr = entry.get("images", {}).get("fullres")
     info: dict[str, Any] = {"image_scale": float(entry.get("image_scale", 1.0))}
     if arr is not None:
-        arr = np.ascontiguousarray(arr)
-        digest = hashlib.blake2b(arr.data, digest_size=16).hexdigest()
-        info.update(array=digest, shape=list(arr.shape), dtype=str(arr.dtype))
+        arr = np.asarray(arr)
+        info.update(array=array_digest(arr), shape=list(arr.shape), dtype=str(arr.dtype))
     else:
-        path = Path(str(entry.get("image_path", "")))
         if not str(entry.get("image_path", "")):
             raise SlideError(f"slide {slide_id_of(slide)!r} has no image to cut patches from")
         try:
-            st = path.stat()
+            info.update(file_fingerprint(str(entry["image_path"])))
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"image of slide {slide_id_of(slide)!r} not found: {path}"
+                f"image of slide {slide_id_of(slide)!r} not found: {entry['image_path']}"
             ) from None
-        info.update(path=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
     return info
 
 
 def patch_fingerprint(slide, patch_size: int = 224, pixel_size_um: float | None = None) -> str:
     """Hash of everything the patches of a slide depend on.
 
-    The image (resolved path, size and modification time, or a hash of an in-memory array),
-    its scale, the barcodes and spot coordinates, the patch parameters and the cache version.
+    The image (its content: a hash of an in-memory array, or of the file's bytes, sampled for
+    files over 64 MiB, with its path, size and modification time), its scale, the barcodes
+    and spot coordinates, the patch parameters and the cache version.
     """
-    h = hashlib.blake2b(digest_size=20)
-    h.update(repr((CACHE_FORMAT, CACHE_VERSION, slide_id_of(slide))).encode())
-    h.update(repr(sorted(_image_fingerprint(slide).items())).encode())
-    h.update(repr((int(patch_size), pixel_size_um, patch_extent(slide, patch_size, pixel_size_um)))
-             .encode())
-    h.update("\0".join(map(str, slide.obs_names)).encode())
-    h.update(np.ascontiguousarray(np.asarray(slide.obsm["spatial"], dtype=np.float64)).data)
-    return h.hexdigest()
+    from hest2sge.cache import digest
+
+    return digest(CACHE_FORMAT, CACHE_VERSION, slide_id_of(slide), _image_fingerprint(slide),
+                  int(patch_size), pixel_size_um, patch_extent(slide, patch_size, pixel_size_um),
+                  "\0".join(map(str, slide.obs_names)),
+                  np.asarray(slide.obsm["spatial"], dtype=np.float64))
 
 
 def cache_file_name(slide_id: str, patch_size: int, pixel_size_um: float | None) -> str:
     """File name of a slide's patch cache: ``<slide>_p<size>_<native|Xum>.h5``."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(slide_id))
-    if safe != str(slide_id):
-        safe += "-" + hashlib.blake2b(str(slide_id).encode(), digest_size=4).hexdigest()
+    from hest2sge.cache import safe_name
+
     res = "native" if pixel_size_um is None else f"{float(pixel_size_um):g}um"
-    return f"{safe}_p{int(patch_size)}_{res}.h5"
+    return f"{safe_name(slide_id)}_p{int(patch_size)}_{res}.h5"
 
 
 def _temp_path(path: Path) -> Path:
-    host = socket.gethostname().replace(".", "_") or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    from hest2sge.cache import temp_path
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return temp_path(path)
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files of ``path`` left by dead writers (never read, only removed)."""
-    host = socket.gethostname().replace(".", "_") or "host"
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}\.tmp$")
-    now = time.time()
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        m = pat.match(tmp.name)
-        try:
-            old = now - tmp.stat().st_mtime > _STALE_SECONDS
-            dead = m is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
-            if old or dead:
-                tmp.unlink()
-                log.info("removed stale temporary patch file %s", tmp)
-        except OSError:
-            pass
+    from hest2sge.cache import remove_stale_temps
+
+    remove_stale_temps(path)
+
+
+class _Progress:
+    """Write-through view of a dataset that advances a tqdm bar as rows are written."""
+
+    def __init__(self, dset: Any, bar: Any) -> None:
+        self._dset, self._bar = dset, bar
+        self.shape = dset.shape
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._dset[key] = value
+        if isinstance(key, slice):
+            self._bar.update(len(range(*key.indices(self.shape[0]))))
+        else:
+            self._bar.update(1)
 
 
 def write_patch_file(
@@ -425,12 +412,13 @@ def write_patch_file(
     *,
     image: SlideImage | None = None,
     fingerprint: str | None = None,
+    progress: bool | None = None,
 ) -> Path:
-    """Cut the patches of a slide into an HDF5 file (HEST layout), atomically.
+    """Cut the patches of a slide into a cache file (:mod:`hest2sge.cache`), atomically.
 
-    The file is written under a temporary name in the same folder, marked complete, flushed,
-    synced and renamed into place; on any error the temporary file is removed and nothing
-    appears at ``path``.
+    Datasets ``img`` (N x P x P x 3 uint8), ``coords`` (spot centres (x, y) in full-resolution
+    pixels, ``coords_origin = "center"``) and ``barcode``, each with its checksum; on any error
+    nothing appears at ``path``.
 
     Args:
         slide: A slide with an image.
@@ -439,69 +427,38 @@ def write_patch_file(
         pixel_size_um: µm per patch pixel (None: native resolution).
         image: An already opened :class:`SlideImage` of the slide.
         fingerprint: Precomputed :func:`patch_fingerprint`.
+        progress: Show a tqdm bar (None: only on a terminal).
 
     Returns:
         ``path``.
     """
-    import h5py
+    from tqdm.auto import tqdm
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from hest2sge.cache import write_cache
+
     p = int(patch_size)
     n = slide.n_obs
     fp = fingerprint or patch_fingerprint(slide, p, pixel_size_um)
-    extent = patch_extent(slide, p, pixel_size_um)
-    tmp = _temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = CACHE_FORMAT
-            f.attrs["format_version"] = CACHE_VERSION
-            f.attrs["slide_id"] = slide_id_of(slide)
-            f.attrs["patch_size"] = p
-            f.attrs["pixel_size_um"] = float("nan") if pixel_size_um is None else pixel_size_um
-            f.attrs["patch_extent_fullres"] = extent
-            f.attrs["coords_origin"] = "center"
-            f.attrs["fingerprint"] = fp
-            f.attrs["complete"] = False
-            dset = f.create_dataset(
-                "img", shape=(n, p, p, 3), dtype=np.uint8, chunks=(1, p, p, 3) if n else None
-            )
-            f.create_dataset("coords", data=np.asarray(slide.obsm["spatial"], np.float64))
-            bc = np.array([str(b).encode() for b in slide.obs_names], dtype="S")
-            f.create_dataset("barcode", data=bc if n else np.zeros(0, dtype="S1"))
-            extract_patches(slide, p, pixel_size_um, out=dset, image=image)
-            f.attrs["complete"] = True
-            f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    sid = slide_id_of(slide)
+    bc = np.array([str(b).encode() for b in slide.obs_names], dtype="S")
 
+    def fill(dsets: dict[str, Any]) -> None:
+        with tqdm(total=n, desc=f"cutting patches {sid}", unit="patch",
+                  disable=None if progress is None else not progress, leave=False) as bar:
+            extract_patches(slide, p, pixel_size_um, out=_Progress(dsets["img"], bar),
+                            image=image)
 
-def _cache_is_valid(path: Path, fingerprint: str, n: int, p: int) -> bool:
-    """True when the cache file matches; False when stale; raises OSError etc. when unreadable."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        a = f.attrs
-        ok = (
-            a.get("format") == CACHE_FORMAT
-            and int(a.get("format_version", -1)) == CACHE_VERSION
-            and a.get("fingerprint") == fingerprint
-            and bool(a.get("complete", False))
-            and f["img"].shape == (n, p, p, 3)
-            and f["img"].dtype == np.uint8
-            and f["barcode"].shape[0] == n
-        )
-        if ok and n:
-            f["img"][n - 1]  # the last chunk must be readable
-    return bool(ok)
+    return write_cache(
+        path, kind="patches", fingerprint=fp,
+        arrays={"coords": np.asarray(slide.obsm["spatial"], np.float64),
+                "barcode": bc if n else np.zeros(0, dtype="S1")},
+        empty={"img": ((n, p, p, 3), np.uint8, (1, p, p, 3) if n else None)},
+        fill=fill,
+        attrs={"slide_id": sid, "patch_size": p,
+               "pixel_size_um": float("nan") if pixel_size_um is None else pixel_size_um,
+               "patch_extent_fullres": patch_extent(slide, p, pixel_size_um),
+               "coords_origin": "center", "patch_format": PATCH_FORMAT},
+    )
 
 
 def _has_image(slide) -> bool:
@@ -563,8 +520,9 @@ def cached_patches(
         A :class:`PatchStore` in slide order.
 
     The cache file (``<slide>_p<size>_<res>.h5``) is trusted only if its fingerprint
-    (:func:`patch_fingerprint`) matches and it carries the ``complete`` marker; a stale file is
-    rebuilt, an unreadable one is rebuilt with a warning. Slides read from a HEST folder without
+    (:func:`patch_fingerprint`) matches, it carries the ``complete`` marker and every dataset
+    matches its checksum; a stale file is rebuilt, an unreadable or corrupted one is rebuilt
+    with a warning. Slides read from a HEST folder without
     a WSI are served from their ``patches/<id>.h5``.
     """
     sid = slide_id_of(slide)
@@ -576,25 +534,17 @@ def cached_patches(
         images = extract_patches(slide, p, pixel_size_um)
         return PatchStore(slide.obs_names, coords, p, images=images,
                           pixel_size_um=pixel_size_um, slide_id=sid)
+    from hest2sge.cache import open_cached
+
     path = Path(cache_dir) / cache_file_name(sid, p, pixel_size_um)
     fp = patch_fingerprint(slide, p, pixel_size_um)
-    if path.exists():
-        try:
-            valid = _cache_is_valid(path, fp, slide.n_obs, p)
-        except Exception as err:  # any unreadable file is rebuilt
-            warnings.warn(
-                f"patch cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding it",
-                stacklevel=2,
-            )
-            valid = False
-        if valid:
-            log.debug("patch cache hit: %s", path)
-            return PatchStore(slide.obs_names, coords, p, path=path,
-                              pixel_size_um=pixel_size_um, slide_id=sid)
-        log.info("patch cache %s is stale (inputs changed); rebuilding", path)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
+    f = open_cached(path, kind="patches", fingerprint=fp,
+                    shapes={"img": (slide.n_obs, p, p, 3), "barcode": (slide.n_obs,)})
+    if f is not None:
+        f.close()
+        log.debug("patch cache hit: %s", path)
+        return PatchStore(slide.obs_names, coords, p, path=path,
+                          pixel_size_um=pixel_size_um, slide_id=sid)
     write_patch_file(slide, path, p, pixel_size_um, fingerprint=fp)
     return PatchStore(slide.obs_names, coords, p, path=path,
                       pixel_size_um=pixel_size_um, slide_id=sid)

@@ -1,4 +1,4 @@
-"""Readers for spatial transcriptomics slides: legacy ST (HER2+), Visium, HEST-1k and h5ad.
+"""Readers for spatial transcriptomics slides: legacy ST (HER2+, cSCC), Visium, HEST-1k and h5ad.
 
 Every reader returns one AnnData per tissue section following the slide contract of
 :mod:`hest2sge.data.slide` (``validate_slide`` passes). Images are never decoded here: slides
@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,9 @@ from hest2sge.data.slide import (
     REQUIRED_OBS,
     SlideError,
     SlideImage,
+    add_scverse_images,
+    add_scverse_images_to_entry,
+    load_image_array,
     make_slide,
     slide_id_of,
     spatial_entry,
@@ -42,7 +44,7 @@ ST_SPOT_PITCH_UM = 200.0
 #: 10x Visium spot diameter in micrometres.
 VISIUM_SPOT_DIAMETER_UM = 55.0
 #: Version of the HEST-style folder written by :func:`write_hest`.
-HEST_WRITER_VERSION = 1
+HEST_WRITER_VERSION = 2
 
 _VISIUM_COLUMNS = (
     "barcode",
@@ -122,16 +124,6 @@ def _unique_names(names: Sequence[str]) -> list[str]:
     import pandas as pd
 
     return list(ad.utils.make_index_unique(pd.Index([str(n) for n in names])))
-
-
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +243,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 def read_legacy_st(
     counts_path: PathLike,
     spots_path: PathLike,
-    image_path: PathLike,
+    image_path: PathLike | None,
     slide_id: str,
     patient_id: str,
     source: str = "legacy_st",
@@ -263,7 +255,8 @@ def read_legacy_st(
             positions (first column unnamed), columns gene symbols.
         spots_path: Spot file with columns ``x, y, pixel_x, pixel_y`` and optionally
             ``selected`` (tab or comma separated).
-        image_path: The H&E image of the section.
+        image_path: The H&E image of the section (None: an expression-only slide, e.g. for
+            gene panels; it has no image and cannot be cut into patches).
         slide_id: Identifier of the section.
         patient_id: Identifier of the patient.
         source: Name recorded in the slide metadata.
@@ -276,10 +269,11 @@ def read_legacy_st(
     import pandas as pd
     import scipy.sparse as sp
 
-    counts_path, spots_path, image_path = Path(counts_path), Path(spots_path), Path(image_path)
+    counts_path, spots_path = Path(counts_path), Path(spots_path)
     _require(counts_path, f"counts file of section {slide_id!r}")
     _require(spots_path, f"spot file of section {slide_id!r}")
-    _require(image_path, f"image of section {slide_id!r}")
+    if image_path is not None:
+        image_path = _require(Path(image_path), f"image of section {slide_id!r}")
 
     counts = pd.read_csv(counts_path, sep="\t", index_col=0)
     counts.index = counts.index.astype(str).str.strip()
@@ -334,7 +328,7 @@ def read_legacy_st(
             f"section {slide_id!r}: no two spots are adjacent on the array; pixel size unknown",
             stacklevel=2,
         )
-    width, height = _image_size(image_path)
+    width, height = _image_size(image_path) if image_path is not None else (None, None)
     metadata = {
         "source": source,
         "counts_file": str(counts_path),
@@ -347,10 +341,10 @@ def read_legacy_st(
         "dropped_spots": [str(b) for b in list(counts_only) + list(spots_only)],
         "pixel_size_method": f"median pixel distance of array-adjacent spots = "
         f"{ST_SPOT_PITCH_UM:g} um",
-        "image_width": width,
-        "image_height": height,
         "st_technology": "Spatial Transcriptomics",
     }
+    if image_path is not None:
+        metadata.update(image_file=str(image_path), image_width=width, image_height=height)
     x = sp.csr_matrix(counts.to_numpy(dtype=np.float32))
     return make_slide(
         x,
@@ -390,6 +384,7 @@ def read_her2st(
     root: PathLike,
     sections: Sequence[str] | str | None = None,
     patient_from_section: bool = True,
+    images: bool = True,
 ) -> list[AnnData]:
     """Read HER2+ breast cancer sections in the layout of the almaan/her2st repository.
 
@@ -407,6 +402,9 @@ def read_her2st(
         sections: Section names to read (default: every ``ST-cnts/*.tsv.gz``, sorted).
         patient_from_section: Patient = first letter of the section name (A..H). When False,
             each section is its own patient.
+        images: Read the H&E images. ``False`` reads expression only (no ``ST-imgs/`` needed,
+            e.g. all 36 sections of the counts-only release, for gene panels); such slides
+            have no image.
 
     Returns:
         One slide per section.
@@ -438,9 +436,87 @@ def read_her2st(
         spots = _require(
             root / "ST-spotfiles" / f"{sec}_selection.tsv", f"spot file of section {sec!r}"
         )
-        image = _single_image(root / "ST-imgs" / sec[:1] / sec, sec)
+        image = _single_image(root / "ST-imgs" / sec[:1] / sec, sec) if images else None
         patient = sec[:1] if patient_from_section else sec
         slides.append(read_legacy_st(counts, spots, image, sec, patient, source="her2st"))
+    return slides
+
+
+_CSCC_COUNTS = re.compile(r"^(?:GSM\d+_)?(?P<name>.+?)_stdata\.tsv(?:\.gz)?$")
+
+
+def _one_match(folder: Path, patterns: Sequence[str], what: str, name: str) -> Path | None:
+    found = sorted({p for pat in patterns for p in folder.glob(pat)})
+    if len(found) > 1:
+        raise SlideError(
+            f"several {what} files for section {name!r} in {folder}: {[p.name for p in found]}"
+        )
+    return found[0] if found else None
+
+
+def read_cscc(
+    root: PathLike,
+    sections: Sequence[str] | str | None = None,
+    images: bool = True,
+) -> list[AnnData]:
+    """Read cutaneous squamous cell carcinoma sections as published on GEO (GSE144240).
+
+    Ji et al., Cell 2020: legacy Spatial Transcriptomics of patients P2, P5, P9 and P10, three
+    replicate sections each (``P2_ST_rep1`` ...). The series' supplementary files, unpacked in
+    one folder (``GSE144240_RAW/``), are per section ``<GSM>_<section>_stdata.tsv[.gz]``
+    (counts: spots ``"XxY"`` x genes), ``<GSM>_spot_data-all-<section>.tsv[.gz]`` (spot
+    detector table) and ``<GSM>_<section>.jpg`` (H&E); the GSM prefix may be absent. Each
+    section is read by the legacy-ST reader :func:`read_legacy_st` (same rules as HER2+).
+
+    Args:
+        root: The folder holding the files.
+        sections: Section names (default: every ``*_stdata.tsv[.gz]`` found, natural order).
+        images: Read the H&E images (``False``: expression only).
+
+    Returns:
+        One slide per section; ``patient_id`` is the part before ``_ST`` (``"P2"``).
+
+    Raises:
+        FileNotFoundError: naming the file pattern looked for when a section's file is missing
+            (a gzipped image must be unpacked first).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"cSCC folder not found: {root} (expected the unpacked "
+                                "GSE144240_RAW files)")
+    found = {}
+    for p in root.iterdir():
+        m = _CSCC_COUNTS.match(p.name)
+        if m:
+            found.setdefault(m["name"], []).append(p)
+    if sections is None:
+        sections = sorted(found, key=_natural_key)
+        if not sections:
+            raise FileNotFoundError(f"no <section>_stdata.tsv[.gz] counts files in {root}")
+    elif isinstance(sections, str):
+        sections = [sections]
+    slides = []
+    for name in sections:
+        counts = _one_match(root, (f"{name}_stdata.tsv*", f"GSM*_{name}_stdata.tsv*"),
+                            "counts", name)
+        if counts is None:
+            raise FileNotFoundError(f"counts file of section {name!r} not found in {root} "
+                                    f"(looked for [GSM*_]{name}_stdata.tsv[.gz])")
+        spots = _one_match(root, (f"*spot_data-all-{name}.tsv*",), "spot", name)
+        if spots is None:
+            raise FileNotFoundError(f"spot file of section {name!r} not found in {root} "
+                                    f"(looked for [GSM*_]spot_data-all-{name}.tsv[.gz])")
+        image = None
+        if images:
+            image = _one_match(root, (f"{name}.jpg", f"GSM*_{name}.jpg", f"{name}.jpeg",
+                                      f"GSM*_{name}.jpeg"), "image", name)
+            if image is None:
+                gz = sorted(root.glob(f"*{name}.jp*g.gz"))
+                hint = f"; unpack {gz[0].name} first (gunzip)" if gz else ""
+                raise FileNotFoundError(f"image of section {name!r} not found in {root} "
+                                        f"(looked for [GSM*_]{name}.jpg){hint}")
+        patient = name.split("_ST")[0] if "_ST" in name else name.split("_")[0]
+        slides.append(read_legacy_st(counts, spots, image, name, patient, source="cscc"))
     return slides
 
 
@@ -643,11 +719,19 @@ def read_visium(
         spot_diameter_fullres=diameter if math.isfinite(diameter) else None,
         extra_obs={"in_tissue": p["in_tissue"].to_numpy()},
         metadata=metadata,
+        scverse_images=False,
     )
     adata.var["gene_ids"] = mtx["gene_ids"]
     adata.var["feature_types"] = mtx["feature_types"]
     entry = spatial_entry(adata)
     entry["scalefactors"].update({k: float(v) for k, v in scalefactors.items()})
+    # scanpy/squidpy images: Space Ranger's own PNGs with their scale factors
+    for res in ("hires", "lowres"):
+        png = spatial_dir / f"tissue_{res}_image.png"
+        if png.exists() and f"tissue_{res}_scalef" in scalefactors:
+            entry["images"][res] = load_image_array(png)
+    if not all(r in entry["images"] for r in ("hires", "lowres")):
+        add_scverse_images(adata)
     return adata
 
 
@@ -694,6 +778,7 @@ def _conform(
     scalefactors: dict[str, Any] | None,
     metadata: dict[str, Any],
     name: str,
+    scverse_images: bool = True,
 ) -> AnnData:
     """Rebuild ``adata`` as a contract slide, carrying its extra obs/var/obsm/layers."""
     import scipy.sparse as sp
@@ -730,6 +815,7 @@ def _conform(
             spot_diameter_fullres if math.isfinite(spot_diameter_fullres) else None
         ),
         metadata=metadata,
+        scverse_images=scverse_images,
     )
     for col in adata.obs.columns:
         if col not in REQUIRED_OBS:
@@ -792,6 +878,35 @@ def read_h5ad(
         # barcodes often repeat across the sections of one file; checked per section below
         warnings.filterwarnings("ignore", message="Observation names are not unique")
         adata = ad.read_h5ad(path)
+    return slides_from_anndata(adata, slide_id, patient_id, image=image,
+                               require_image=require_image, name=str(path), source_file=path)
+
+
+def slides_from_anndata(
+    adata: AnnData,
+    slide_id: str | None = None,
+    patient_id: str | None = None,
+    *,
+    image: PathLike | None = None,
+    require_image: bool = True,
+    name: str = "AnnData",
+    source_file: PathLike | None = None,
+) -> list[AnnData]:
+    """Contract slides from an in-memory AnnData (see :func:`read_h5ad` for the rules).
+
+    Args:
+        adata: One or several sections.
+        slide_id: Section to keep, or the name of the single section.
+        patient_id: Patient of every section.
+        image: Full-resolution image file (single section only).
+        require_image: Raise when a section has no image.
+        name: How the object is named in error messages.
+        source_file: The file it was read from (relative image paths are resolved there).
+
+    Returns:
+        One slide per section, with scverse ``hires``/``lowres`` images when it has an image.
+    """
+    src = Path(source_file) if source_file is not None else None
     key = next((c for c in ("slide_id", "sample", "library_id") if c in adata.obs), None)
     uns_spatial = adata.uns.get("spatial", {}) if isinstance(adata.uns.get("spatial"), dict) else {}
     if key is None:
@@ -800,7 +915,7 @@ def read_h5ad(
         elif len(uns_spatial) == 1:
             sid = str(next(iter(uns_spatial)))
         else:
-            sid = path.stem
+            sid = src.stem if src is not None else "slide"
         groups = [(sid, np.ones(adata.n_obs, dtype=bool))]
     else:
         labels = adata.obs[key].astype(str).to_numpy()
@@ -808,29 +923,29 @@ def read_h5ad(
         if slide_id is not None:
             if str(slide_id) not in ids:
                 raise SlideError(
-                    f"{path}: no section {slide_id!r} in obs[{key!r}]; sections: {ids[:20]}"
+                    f"{name}: no section {slide_id!r} in obs[{key!r}]; sections: {ids[:20]}"
                 )
             ids = [str(slide_id)]
         groups = [(sid, labels == sid) for sid in ids]
     if image is not None and len(groups) > 1:
-        raise SlideError(f"{path}: image= applies to a single section, found {len(groups)}")
+        raise SlideError(f"{name}: image= applies to a single section, found {len(groups)}")
 
     slides = []
     for sid, mask in groups:
-        name = f"{path} section {sid!r}"
+        where = f"{name} section {sid!r}"
         sub = adata[mask].copy() if not mask.all() else adata
         if not sub.obs_names.is_unique:
             dup = sub.obs_names[sub.obs_names.duplicated()][:5].tolist()
-            raise SlideError(f"{name}: duplicated barcodes {dup} within one section")
+            raise SlideError(f"{where}: duplicated barcodes {dup} within one section")
         patient = str(patient_id) if patient_id is not None else _single_value(
             sub, ("patient_id", "patient")
         )
         if patient is None:
             warnings.warn(
-                f"{name}: no obs 'patient_id'/'patient' and no patient_id given; using the "
+                f"{where}: no obs 'patient_id'/'patient' and no patient_id given; using the "
                 "slide id as patient id (patient-grouped splits then treat each section as "
                 "its own patient)",
-                stacklevel=2,
+                stacklevel=3,
             )
             patient = sid
         entry = uns_spatial.get(sid)
@@ -843,11 +958,11 @@ def read_h5ad(
         img_arr = None
         scale = 1.0
         if image is not None:
-            img_path = _require(Path(image), f"image of {name}")
+            img_path = _require(Path(image), f"image of {where}")
         elif entry.get("image_path"):
             img_path = Path(str(entry["image_path"]))
-            if not img_path.is_absolute() and not img_path.exists():
-                img_path = path.parent / img_path
+            if not img_path.is_absolute() and not img_path.exists() and src is not None:
+                img_path = src.parent / img_path
             scale = _float_or_nan(entry.get("image_scale", 1.0))
         elif "fullres" in images:
             img_arr, scale = np.asarray(images["fullres"]), _float_or_nan(
@@ -861,12 +976,18 @@ def read_h5ad(
             scale = _float_or_nan(scalefactors["tissue_lowres_scalef"])
         if img_path is None and img_arr is None and require_image:
             raise SlideError(
-                f"{name}: no image found in uns['spatial'] (image_path, or images 'hires' "
+                f"{where}: no image found in uns['spatial'] (image_path, or images 'hires' "
                 "with scalefactors 'tissue_hires_scalef'); pass image=<path> or "
                 "require_image=False"
             )
         if not scale > 0:
-            raise SlideError(f"{name}: invalid image scale {scale}")
+            raise SlideError(f"{where}: invalid image scale {scale}")
+        if image is not None:  # scale factors of the scanpy images do not apply to this image
+            scalefactors = {k: v for k, v in scalefactors.items()
+                            if not (k.startswith("tissue_") and k.endswith("_scalef"))}
+        meta = dict(entry.get("metadata", {}) or {})
+        if src is not None:
+            meta["source_file"] = str(src)
         slide = _conform(
             sub,
             slide_id=sid,
@@ -877,9 +998,19 @@ def read_h5ad(
             pixel_size_um=_float_or_nan(entry.get("pixel_size_um")),
             spot_diameter_fullres=_float_or_nan(scalefactors.get("spot_diameter_fullres")),
             scalefactors=scalefactors,
-            metadata={**dict(entry.get("metadata", {}) or {}), "source_file": str(path)},
-            name=name,
+            metadata=meta,
+            name=where,
+            scverse_images=False,
         )
+        new_entry = spatial_entry(slide)
+        if image is None and all(k in images and f"tissue_{k}_scalef" in scalefactors
+                                 for k in ("hires", "lowres")):
+            for k in ("hires", "lowres"):  # the file's own scanpy images: not decoded again
+                new_entry["images"][k] = np.asarray(images[k])
+                new_entry["scalefactors"][f"tissue_{k}_scalef"] = _float_or_nan(
+                    scalefactors[f"tissue_{k}_scalef"])
+        else:
+            add_scverse_images(slide)
         validate_slide(slide, require_image=require_image)
         slides.append(slide)
     return slides
@@ -970,6 +1101,7 @@ def read_hest(root: PathLike, ids: Sequence[str] | str | None = None) -> list[An
         scale = _float_or_nan(meta.get("image_scale", 1.0))
         keep_meta = {k: v for k, v in meta.items() if not _is_missing(v)}
         adata.uns.pop("spatial", None)
+        old_images = dict(old_entry.get("images", {}) or {})
         slide = _conform(
             adata,
             slide_id=sid,
@@ -982,10 +1114,40 @@ def read_hest(root: PathLike, ids: Sequence[str] | str | None = None) -> list[An
             scalefactors=scalefactors,
             metadata=_h5ad_safe({**keep_meta, **extra, "source": "hest", "hest_root": str(root)}),
             name=name,
+            scverse_images=False,
         )
+        _hest_scverse_images(slide, old_images, scalefactors)
         validate_slide(slide, require_image=wsi is not None)
         slides.append(slide)
     return slides
+
+
+def _hest_scverse_images(slide, images: dict[str, Any], scalefactors: dict[str, Any]) -> None:
+    """scanpy ``hires``/``lowres`` images of a HEST sample: from the h5ad's own images
+    (``hires``/``lowres``, or HEST-1k's ``downscaled_fullres``), else from the WSI's pyramid."""
+    from hest2sge.data.slide import HIRES_MAX_SIDE, _resize_to
+
+    entry = spatial_entry(slide)
+    src, sf = None, None
+    if "hires" in images and "tissue_hires_scalef" in scalefactors:
+        src, sf = images["hires"], scalefactors["tissue_hires_scalef"]
+    elif "downscaled_fullres" in images and "tissue_downscaled_fullres_scalef" in scalefactors:
+        src, sf = images["downscaled_fullres"], scalefactors["tissue_downscaled_fullres_scalef"]
+    sf = _float_or_nan(sf)
+    if src is not None and np.asarray(src).ndim == 3 and sf > 0:
+        from hest2sge.data.slide import _as_rgb_uint8
+
+        src = _as_rgb_uint8(np.asarray(src), slide_id_of(slide))
+        hires = np.ascontiguousarray(_resize_to(src, HIRES_MAX_SIDE))
+        entry["images"]["hires"] = hires
+        entry["scalefactors"]["tissue_hires_scalef"] = sf * hires.shape[1] / src.shape[1]
+        entry["scalefactors"].pop("tissue_lowres_scalef", None)
+        fake = {"images": {"fullres": hires}, "image_scale": sf * hires.shape[1] / src.shape[1]}
+        add_scverse_images_to_entry(fake)
+        entry["images"]["lowres"] = fake["images"]["lowres"]
+        entry["scalefactors"]["tissue_lowres_scalef"] = fake["scalefactors"]["tissue_lowres_scalef"]
+    elif entry.get("image_path"):
+        add_scverse_images(slide)
 
 
 def _safe_id(sid: str) -> str:
@@ -997,6 +1159,75 @@ def _safe_id(sid: str) -> str:
     return sid
 
 
+def _write_pyramidal_tiff(
+    arr: np.ndarray,
+    path: Path,
+    pixel_size_um: float | None,
+    compression: str | None = "zlib",
+    tile: int = 256,
+    min_side: int = 1024,
+) -> int:
+    """Write an RGB image as a tiled pyramidal generic TIFF (the WSI layout HEST-1k uses and
+    OpenSlide/tiffslide read): level 0 first, then each level downsampled by 2 as a
+    reduced-resolution page, down to ``min_side`` px. Returns the number of levels."""
+    import tifffile
+    from PIL import Image
+
+    w = arr.shape[1]
+    big = arr.nbytes > (2**32 - 2**25)
+    opts: dict[str, Any] = {"photometric": "rgb", "tile": (tile, tile),
+                            "compression": compression, "metadata": None}
+    if pixel_size_um is not None and math.isfinite(pixel_size_um) and pixel_size_um > 0:
+        opts["resolution"] = (1e4 / pixel_size_um, 1e4 / pixel_size_um)
+        opts["resolutionunit"] = "CENTIMETER"
+    levels = 1
+    with tifffile.TiffWriter(path, bigtiff=big) as tw:
+        tw.write(arr, **opts)
+        cur = arr
+        while max(cur.shape[:2]) > min_side and min(cur.shape[:2]) >= 2:
+            cur = np.ascontiguousarray(np.asarray(Image.fromarray(cur).reduce(2)))
+            if "resolution" in opts:
+                r = 1e4 / pixel_size_um * cur.shape[1] / w
+                opts["resolution"] = (r, r)
+            tw.write(cur, subfiletype=1, **opts)
+            levels += 1
+    return levels
+
+
+def _write_hest_patches(slide, path: Path, patch_size: int, pixel_size_um: float | None,
+                        image: SlideImage, frame: float) -> float:
+    """HEST-1k patch file: ``img`` (N x P x P x 3), ``coords`` (N x 2 int, top-left corner of
+    each patch in level-0 pixels of the written WSI, HEST's convention), ``barcode`` (N x 1
+    bytes). Returns the patch extent in WSI pixels."""
+    import h5py
+
+    from hest2sge.cache import atomic_write
+    from hest2sge.data.patches import extract_patches, patch_extent
+
+    extent = patch_extent(slide, patch_size, pixel_size_um) * frame
+    xy = np.asarray(slide.obsm["spatial"], dtype=np.float64) * frame
+    top_left = np.floor(xy - extent / 2.0 + 0.5).astype(np.int64)
+    n, p = slide.n_obs, int(patch_size)
+
+    def _write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            dset = f.create_dataset("img", shape=(n, p, p, 3), dtype=np.uint8,
+                                    chunks=(1, p, p, 3) if n else None)
+            extract_patches(slide, p, pixel_size_um, out=dset, image=image)
+            f.create_dataset("coords", data=top_left)
+            bc = np.array([str(b).encode() for b in slide.obs_names], dtype="S")[:, None]
+            f.create_dataset("barcode", data=bc if n else np.zeros((0, 1), dtype="S1"))
+            f["coords"].attrs["patch_size"] = p
+            f["coords"].attrs["patch_size_level0"] = extent
+            f["coords"].attrs["level0_magnification"] = float("nan")
+            f.attrs["coords_origin"] = "top_left"
+            f.attrs["patch_size"] = p
+            f.attrs["pixel_size_um"] = float("nan") if pixel_size_um is None else pixel_size_um
+
+    atomic_write(path, _write)
+    return extent
+
+
 def write_hest(
     slides: Sequence[AnnData] | AnnData,
     root: PathLike,
@@ -1005,35 +1236,48 @@ def write_hest(
     *,
     compression: str | None = "zlib",
 ) -> list[Path]:
-    """Write slides in the HEST-1k folder layout (readable by :func:`read_hest`).
+    """Write slides in the HEST-1k folder layout, readable by HEST's own reader and by
+    :func:`read_hest`.
 
-    Per slide ``id``: ``st/<id>.h5ad`` (counts, obs, ``obsm["spatial"]``; in-memory images are
-    not stored there), ``patches/<id>.h5`` (``img`` N x P x P x 3 uint8, ``coords`` spot centres
-    (x, y) in full-resolution pixels, ``barcode``), ``metadata/<id>.json`` and
-    ``wsis/<id>.tif`` with the slide image (a TIFF source is copied, other images are
-    re-encoded). A slide whose only image is a Space Ranger hires PNG keeps that image and its
-    scale (``image_scale`` in the metadata). Every file is written atomically.
+    Per slide ``id``:
 
-    Note:
-        HEST-1k's own patch files store the top-left corner of each patch in ``coords``; these
-        store the spot centre (``coords_origin = "center"`` in the file attributes).
+    * ``wsis/<id>.tif``: the slide image as a tiled pyramidal TIFF (levels halved down to
+      ~1,000 px, pixel size in the resolution tags), in the frame of ``obsm["spatial"]``;
+    * ``st/<id>.h5ad``: counts, obs (with ``pxl_col_in_fullres``/``pxl_row_in_fullres``),
+      ``obsm["spatial"]`` in level-0 pixels of that TIFF, and HEST's required
+      ``uns["spatial"]["ST"]`` entry: ``images["downscaled_fullres"]`` (plus scanpy's
+      ``hires``/``lowres``) with ``scalefactors["tissue_downscaled_fullres_scalef"]``,
+      ``tissue_hires_scalef``, ``tissue_lowres_scalef`` and ``spot_diameter_fullres``;
+    * ``patches/<id>.h5``: ``img`` (N x P x P x 3), ``coords`` (top-left corner of each patch
+      in level-0 pixels, HEST's convention) and ``barcode`` (N x 1);
+    * ``metadata/<id>.json``: HEST's keys (``pixel_size_um_estimated``,
+      ``pixel_size_um_embedded``, ``spot_diameter`` in µm, ``patient``, ``st_technology``,
+      ``fullres_px_width``/``height``, ...) and the slide's own metadata;
+    * an empty ``tissue_seg/`` folder (HEST's ``iter_hest`` looks there).
+
+    A slide whose only image is not at full resolution (Visium without the full-resolution
+    image: the Space Ranger hires PNG at ``tissue_hires_scalef``) is written in the frame of
+    that image: the TIFF is the hires image, and spot coordinates and the spot diameter are
+    multiplied by ``image_scale`` (the pixel size divided by it), so every spot lies on the
+    image; ``metadata["hest2sge_frame_scale"]`` records the factor. Every file is written
+    atomically.
 
     Args:
         slides: Slides to write.
         root: Output folder (created).
-        patch_size: Side of the patches in pixels.
-        pixel_size_um: µm per patch pixel (None: native resolution of the slide).
+        patch_size: Side of the patches in pixels (HEST-1k: 224).
+        pixel_size_um: µm per patch pixel (None: native resolution; HEST-1k: 0.5).
         compression: TIFF compression of the written WSIs (``None``: uncompressed).
 
     Returns:
         The paths of the written ``st/<id>.h5ad`` files.
     """
-    from hest2sge.data.patches import patch_extent, write_patch_file
+    from hest2sge.cache import atomic_write
 
     if not isinstance(slides, (list, tuple)):
         slides = [slides]
     root = Path(root)
-    for sub in ("st", "patches", "metadata", "wsis"):
+    for sub in ("st", "patches", "metadata", "wsis", "tissue_seg"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     written = []
     for slide in slides:
@@ -1043,73 +1287,128 @@ def write_hest(
         has_image = bool(entry.get("image_path")) or "fullres" in entry.get("images", {})
         meta_in = {k: v for k, v in dict(entry.get("metadata", {})).items()
                    if k not in ("hest_patches", "hest_root")}
-        px = _float_or_nan(entry.get("pixel_size_um"))
-        diameter = _float_or_nan(entry.get("scalefactors", {}).get("spot_diameter_fullres"))
-        scale = float(entry.get("image_scale", 1.0))
+        frame = float(entry.get("image_scale", 1.0)) if has_image else 1.0
+        px = _float_or_nan(entry.get("pixel_size_um")) / frame
+        diameter = _float_or_nan(entry.get("scalefactors", {}).get("spot_diameter_fullres")) * frame
+        st_tech = meta_in.get("st_technology") or meta_in.get("source")
         meta: dict[str, Any] = {
             **meta_in,
             "id": sid,
             "patient": str(slide.obs["patient_id"].iloc[0]) if slide.n_obs else sid,
-            "pixel_size_um": px,
+            "st_technology": st_tech,
             "pixel_size_um_estimated": px,
+            "pixel_size_um_embedded": px,
+            "pixel_size_um": px,
             "spot_diameter_fullres": diameter,
             "spot_diameter": diameter * px,
-            "image_scale": scale,
+            "spots_under_tissue": int(slide.n_obs),
+            "nb_genes": int(slide.n_vars),
+            "image_scale": 1.0,
+            "hest2sge_frame_scale": frame,
             "patch_size": int(patch_size),
             "patch_pixel_size_um": pixel_size_um,
             "hest2sge_writer_version": HEST_WRITER_VERSION,
         }
+        # the ST entry HEST's reader requires, in the frame of the written WSI
+        st_entry: dict[str, Any] = {"images": {}, "scalefactors": {}}
         if has_image:
-            img = SlideImage(slide)
-            src = Path(img.path) if img.path else None
-            wsi = root / "wsis" / f"{sid}.tif"
-            tmp = _atomic_path(wsi)
-            try:
-                if src is not None and src.suffix.lower() in (".tif", ".tiff"):
-                    shutil.copyfile(src, tmp)
-                    w, h = _image_size(src)
-                else:
-                    import tifffile
+            tmp_entry = {"images": dict(entry.get("images", {})),
+                         "scalefactors": dict(entry.get("scalefactors", {})),
+                         "image_path": entry.get("image_path", ""),
+                         "image_scale": entry.get("image_scale", 1.0)}
+            add_scverse_images_to_entry(tmp_entry)
+            hires, lowres = tmp_entry["images"]["hires"], tmp_entry["images"]["lowres"]
+            sf_h = tmp_entry["scalefactors"]["tissue_hires_scalef"] / frame
+            sf_l = tmp_entry["scalefactors"]["tissue_lowres_scalef"] / frame
+            st_entry["images"] = {"downscaled_fullres": hires, "hires": hires, "lowres": lowres}
+            st_entry["scalefactors"] = {"tissue_downscaled_fullres_scalef": sf_h,
+                                        "tissue_hires_scalef": sf_h, "tissue_lowres_scalef": sf_l}
 
-                    arr = img.array
-                    h, w = arr.shape[:2]
-                    tifffile.imwrite(
-                        tmp, arr, photometric="rgb", tile=(256, 256), compression=compression
-                    )
-                _replace_atomically(tmp, wsi)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            meta["fullres_px_width"] = w / scale
-            meta["fullres_px_height"] = h / scale
-            extent = patch_extent(slide, patch_size, pixel_size_um)
-            write_patch_file(slide, root / "patches" / f"{sid}.h5", patch_size, pixel_size_um,
-                             image=img)
-            meta["patch_extent_fullres"] = extent
-            img.release()
+            img = SlideImage(slide)
+            try:
+                arr = img.array
+                h, w = arr.shape[:2]
+                atomic_write(root / "wsis" / f"{sid}.tif",
+                             lambda tmp, a=arr, q=px: _write_pyramidal_tiff(a, tmp, q, compression))
+                meta["fullres_px_width"], meta["fullres_px_height"] = int(w), int(h)
+                extent = _write_hest_patches(slide, root / "patches" / f"{sid}.h5", patch_size,
+                                             pixel_size_um, img, frame)
+                meta["patch_extent_fullres"] = extent
+            finally:
+                img.release()
         else:
             warnings.warn(f"slide {sid!r} has no image: no wsis/ or patches/ file", stacklevel=2)
+        if math.isfinite(diameter):
+            st_entry["scalefactors"]["spot_diameter_fullres"] = diameter
         out = slide.copy()
-        out_entry = out.uns["spatial"][sid]
-        out_entry["images"] = {}
-        out_entry["image_path"] = ""
-        out_entry["metadata"] = _h5ad_safe(_jsonable(meta_in))
+        xy = np.asarray(slide.obsm["spatial"], dtype=np.float64) * frame
+        out.obsm["spatial"] = xy
+        out.obs["pxl_col_in_fullres"] = xy[:, 0]
+        out.obs["pxl_row_in_fullres"] = xy[:, 1]
+        out.uns["spatial"] = {"ST": st_entry}
         st_path = root / "st" / f"{sid}.h5ad"
-        tmp = _atomic_path(st_path)
-        try:
-            out.write_h5ad(tmp)
-            _replace_atomically(tmp, st_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        meta_path = root / "metadata" / f"{sid}.json"
-        tmp = _atomic_path(meta_path)
-        try:
+        atomic_write(st_path, lambda tmp, o=out: o.write_h5ad(tmp))
+
+        def _dump(tmp: Path, m: dict[str, Any] = meta) -> None:
             with open(tmp, "w") as fh:
-                json.dump(_jsonable(meta), fh, indent=1)
-            _replace_atomically(tmp, meta_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                json.dump(_jsonable(m), fh, indent=1)
+
+        atomic_write(root / "metadata" / f"{sid}.json", _dump)
         written.append(st_path)
     return written
+
+
+def download_hest(
+    ids: Sequence[str] | str,
+    root: PathLike,
+    *,
+    repo_id: str = "MahmoodLab/hest",
+    source: PathLike | None = None,
+    token: str | None = None,
+) -> list[str]:
+    """Download HEST-1k samples (every file of each id) into ``root``, in HEST's layout.
+
+    Uses ``huggingface_hub.snapshot_download`` on the dataset repository with
+    ``allow_patterns`` selecting the files of the requested ids (``<folder>/<id>.<ext>`` and
+    ``<folder>/<id>_<suffix>``). The dataset is gated: accept its terms on the Hugging Face
+    page and log in (``huggingface-cli login``) or pass ``token``. With ``source`` (a local
+    copy of the repository, e.g. on a cluster file system), the same files are copied from
+    there instead, with the same pattern rules.
+
+    Args:
+        ids: Sample ids (e.g. ``["TENX96", "NCBI783"]``).
+        root: Destination folder (then read with :func:`read_hest`).
+        repo_id: The Hugging Face dataset.
+        source: A local folder to copy from instead of downloading.
+        token: Hugging Face token (default: the logged-in user's).
+
+    Returns:
+        The requested ids whose ``st/<id>.h5ad`` is now in ``root``.
+
+    Raises:
+        FileNotFoundError: when none of the ids has files (in ``source``).
+    """
+    if isinstance(ids, str):
+        ids = [ids]
+    ids = [_safe_id(str(i)) for i in ids]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    patterns = [p for i in ids for p in (f"*/{i}.*", f"*/{i}_*", f"{i}.*", f"{i}_*")]
+    if source is None:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id=repo_id, repo_type="dataset", local_dir=str(root),
+                          allow_patterns=patterns, token=token)
+    else:
+        from huggingface_hub.utils import filter_repo_objects
+
+        src = _require(Path(source), "local HEST copy")
+        files = [p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()]
+        chosen = list(filter_repo_objects(files, allow_patterns=patterns))
+        if not chosen:
+            raise FileNotFoundError(f"no files of {ids} in {src}")
+        for rel in chosen:
+            dst = root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, dst)
+    return [i for i in ids if (root / "st" / f"{i}.h5ad").exists()]

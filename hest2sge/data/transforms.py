@@ -170,3 +170,71 @@ class TargetTransform:
                 )
             y = (y - lo) / (hi - lo + 1e-8)
         return y.astype(np.float32)
+
+    def inverse(self, y: np.ndarray, library: np.ndarray | float | None = None) -> np.ndarray:
+        """Map model-scale values back towards counts (the inverse of :meth:`__call__`).
+
+        Exact where the transform is invertible from its fitted statistics alone; where it
+        divided by a per-spot library size that a prediction does not know, the result stays
+        normalised unless ``library`` is given (see :meth:`inverse_units`):
+
+        * ``raw``: the values themselves (counts).
+        * ``minmax``: ``y (max - min) + min`` (counts).
+        * ``log_minmax``: ``base ** (y (max - min) + min) - pseudocount`` (counts).
+        * ``sct``: the same, giving SCTransform-style corrected counts at the training median
+          depth (the residual clipping and rounding of the forward pass are not undone).
+        * ``log_norm``: ``base ** y - pseudocount`` = ``scale * c / L``: counts per ``scale``
+          library units; times ``library / scale`` when ``library`` (``L`` per row) is given.
+        * ``stnet``: ``exp(y) = (1 + c) / (n_all + L_all)``: times ``scale`` (counts per
+          ``scale`` units, plus the smoothing count); ``exp(y) library - 1`` when ``library``
+          (``n_all + L_all`` per row) is given.
+
+        Args:
+            y: Model-scale values, (rows, genes) or (genes,).
+            library: Optional per-row library size (see above) for ``log_norm``/``stnet``.
+
+        Returns:
+            float64 array of the same shape; not clipped (predictions may fall outside the
+            training range, so callers clip negatives where counts are meant).
+        """
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind == "raw":
+            return y.copy()
+        if self.needs_fit:
+            if self.min is None or self.max is None:
+                raise RuntimeError(
+                    f"target transform {self.kind!r} has no fitted min/max: cannot invert it "
+                    "(use the model's fitted_target_transform)"
+                )
+            lo, hi = np.asarray(self.min), np.asarray(self.max)
+            if lo.shape[0] != y.shape[-1]:
+                raise ValueError(f"transform was fitted on {lo.shape[0]} genes, got {y.shape[-1]}")
+            y = y * (hi - lo + 1e-8) + lo
+            if self.kind == "minmax":
+                return y
+            return self._exp(y) - self.pseudocount
+        lib = None if library is None else np.asarray(library, dtype=np.float64)
+        if lib is not None and lib.ndim == 1 and y.ndim == 2:
+            lib = lib[:, None]
+        if self.kind == "stnet":
+            frac = np.exp(y)
+            return frac * self.scale if lib is None else frac * lib - 1.0
+        x = self._exp(y) - self.pseudocount  # log_norm: scale * c / L
+        return x if lib is None else x * lib / self.scale
+
+    def inverse_units(self, library: bool = False) -> str:
+        """What :meth:`inverse` returns for this kind (``library``: whether one is given)."""
+        if self.kind in ("raw", "minmax", "log_minmax"):
+            return "counts"
+        if self.kind == "sct":
+            return "SCTransform-style corrected counts at the training median depth"
+        if library:
+            return "counts"
+        if self.kind == "stnet":
+            return f"(1 + count) per {self.scale:g} of (n_genes + spot total)"
+        return f"counts per {self.scale:g} ({self.library} library)"
+
+    def _exp(self, y: np.ndarray) -> np.ndarray:
+        if self.base in ("e", None) or self.base == float(np.e):
+            return np.exp(y)
+        return np.power(float(self.base), y)

@@ -234,6 +234,7 @@ class DeepPT(SpotModel):
     def slide_features(self, dm: Any, slide_id: str, views: int = 1) -> Tensor:
         """Trunk features (views, spots, D) of a data-module slide, from the cache file when
         it is valid, else computed (and written when ``dm.cache_dir`` is set)."""
+        from hest2sge.cache import load_cached
         from hest2sge.data.patches import cache_file_name, patch_fingerprint
 
         store = dm.table(slide_id).patches
@@ -243,14 +244,13 @@ class DeepPT(SpotModel):
         if dm.cache_dir is not None:
             stem = cache_file_name(slide_id, self.patch_size, dm.pixel_size_um)[: -len(".h5")]
             path = Path(dm.cache_dir) / f"{stem}.deeppt-{self.hparams.backbone}-{fp[:12]}-x{views}.h5"
-            feats = _read_features(path, fp, len(store), views)
-            if feats is not None:
-                log.debug("DeepPT feature cache hit: %s", path)
-                return feats
-        feats = self._compute_features(store, views)
-        if path is not None:
-            _write_features(path, feats, fp)
-        return feats
+        arrays = load_cached(
+            path, kind="deeppt_features", fingerprint=fp,
+            build=lambda: {"features": self._compute_features(store, views).numpy()},
+            shapes={"features": (views, len(store), None)},
+            attrs={"slide_id": slide_id, "backbone": str(self.hparams.backbone), "views": views},
+        )
+        return torch.from_numpy(arrays["features"])
 
     @torch.no_grad()
     def _compute_features(self, store: Any, views: int, batch_size: int = 64) -> Tensor:
@@ -271,39 +271,3 @@ class DeepPT(SpotModel):
         finally:
             self.backbone.train(was)
         return torch.stack(out)
-
-
-def _read_features(path: Path, fingerprint: str, n: int, views: int) -> Tensor | None:
-    import h5py
-
-    if not path.exists():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            ok = (f.attrs.get("fingerprint") == fingerprint and bool(f.attrs.get("complete"))
-                  and f["features"].shape[:2] == (views, n))
-            return torch.from_numpy(f["features"][()]) if ok else None
-    except Exception as err:  # unreadable: recompute and overwrite
-        log.warning("DeepPT feature cache %s is unreadable (%s); recomputing", path, err)
-        return None
-
-
-def _write_features(path: Path, feats: Tensor, fingerprint: str) -> None:
-    """Write atomically: temporary file in the same folder, then rename into place."""
-    import h5py
-
-    from hest2sge.data.patches import _temp_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = "hest2sge.deeppt_features"
-            f.attrs["fingerprint"] = fingerprint
-            f.attrs["complete"] = False
-            f.create_dataset("features", data=feats.numpy())
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

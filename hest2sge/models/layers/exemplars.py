@@ -37,7 +37,7 @@ from hest2sge.models.layers.backbones import create_backbone
 
 log = logging.getLogger(__name__)
 
-#: ``format`` attribute of embedding cache files.
+#: Tag of embedding cache files (part of their fingerprint).
 EMB_FORMAT = "hest2sge.embeddings"
 #: Bump when the way embeddings are computed changes: older cache files are rebuilt.
 EMB_VERSION = 1
@@ -161,19 +161,6 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _patch_source_fingerprint(slide: Any, store: Any, patch_size: int,
-                              pixel_size_um: float | None) -> str:
-    from hest2sge.data.patches import patch_fingerprint
-
-    try:
-        return patch_fingerprint(slide, patch_size, pixel_size_um)
-    except Exception:  # a slide served from HEST patch files has no image to fingerprint
-        path = getattr(store, "path", None)
-        st = os.stat(path) if path is not None else None
-        return repr((str(path), st and st.st_size, st and st.st_mtime_ns,
-                     list(map(str, getattr(store, "barcodes", [])))))
-
-
 def embedding_cache_name(slide_id: str, patch_size: int, pixel_size_um: float | None,
                          extractor: str, fingerprint: str) -> str:
     """``<slide>_p<size>_<native|Xum>.<extractor>-<fingerprint[:12]>.emb.h5``."""
@@ -182,46 +169,6 @@ def embedding_cache_name(slide_id: str, patch_size: int, pixel_size_um: float | 
     base = cache_file_name(slide_id, patch_size, pixel_size_um)[: -len(".h5")]
     ext = re.sub(r"[^A-Za-z0-9._-]", "_", extractor)
     return f"{base}.{ext}-{fingerprint[:12]}.emb.h5"
-
-
-def _read_cache(path: Path, fingerprint: str, n: int) -> np.ndarray | None:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            a = f.attrs
-            if (a.get("format") == EMB_FORMAT and int(a.get("format_version", -1)) == EMB_VERSION
-                    and a.get("fingerprint") == fingerprint and bool(a.get("complete", False))
-                    and f["emb"].shape[0] == n):
-                return np.asarray(f["emb"][()], dtype=np.float32)
-    except Exception as err:  # unreadable: rebuild
-        log.warning("embedding cache %s is unreadable (%s); rebuilding it", path, err)
-    return None
-
-
-def _write_cache(path: Path, emb: np.ndarray, fingerprint: str, attrs: dict[str, Any]) -> None:
-    import h5py
-
-    from hest2sge.data.patches import _remove_stale_temps, _temp_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = _temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = EMB_FORMAT
-            f.attrs["format_version"] = EMB_VERSION
-            f.attrs["fingerprint"] = fingerprint
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.create_dataset("emb", data=emb.astype(np.float32))
-            f.attrs["complete"] = True
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def cached_embeddings(
@@ -254,29 +201,25 @@ def cached_embeddings(
     Returns:
         (N, D) float32 embeddings in slide order.
     """
+    from hest2sge.cache import digest, load_cached
+    from hest2sge.data.features import embed_patches, patch_source_fingerprint
+
     n = len(store)
-    fp = hashlib.blake2b(repr((EMB_FORMAT, EMB_VERSION, extractor, extractor_digest,
-                               _patch_source_fingerprint(slide, store, patch_size, pixel_size_um),
-                               int(patch_size), pixel_size_um, n)).encode(),
-                         digest_size=20).hexdigest()
+    fp = digest(EMB_FORMAT, EMB_VERSION, extractor, extractor_digest,
+                patch_source_fingerprint(slide, store, patch_size, pixel_size_um),
+                int(patch_size), pixel_size_um, n)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / embedding_cache_name(slide_id, patch_size, pixel_size_um,
                                                       extractor, fp)
-        if path.exists():
-            emb = _read_cache(path, fp, n)
-            if emb is not None:
-                log.debug("embedding cache hit: %s", path)
-                return emb
-    parts = []
-    for s in range(0, n, batch_size):
-        img = torch.from_numpy(np.ascontiguousarray(store.get_many(np.arange(s, min(n, s + batch_size)))))
-        parts.append(embed(img.permute(0, 3, 1, 2).float().div_(255.0)).float().cpu().numpy())
-    emb = np.concatenate(parts, 0) if parts else np.zeros((0, 0), np.float32)
-    if path is not None:
-        _write_cache(path, emb, fp, {"slide_id": slide_id, "extractor": extractor,
-                                     "patch_size": int(patch_size)})
-    return emb
+    arrays = load_cached(
+        path, kind="exemplar_embeddings", fingerprint=fp,
+        build=lambda: {"emb": embed_patches(embed, store, batch_size,
+                                            desc=f"exemplar embeddings {slide_id}")},
+        shapes={"emb": (n, None)},
+        attrs={"slide_id": slide_id, "extractor": extractor, "patch_size": int(patch_size)},
+    )
+    return np.asarray(arrays["emb"], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -392,49 +392,28 @@ def hipt_weight_paths(pretrained: Any) -> tuple[str, str]:
 
 
 def open_feature_cache(path: str | os.PathLike, fingerprint: str, dim: int) -> Any:
-    """The ``features`` dataset of a complete cache file with this fingerprint (left open;
-    close it with ``dataset.file.close()``), else None."""
-    import h5py
+    """The ``features`` dataset of a complete, intact cache file with this fingerprint (left
+    open; close it with ``dataset.file.close()``), else None (see :mod:`hest2sge.cache`:
+    a damaged file is reported with a warning and rebuilt by the caller)."""
+    from hest2sge.cache import open_cached
 
-    if not os.path.exists(path):
-        return None
-    try:
-        f = h5py.File(path, "r")
-    except OSError:  # unreadable: rebuilt by the caller
-        return None
-    a = f.attrs
-    if (a.get("format") == FEATURE_FORMAT
-            and int(a.get("format_version", -1)) == FEATURE_CACHE_VERSION
-            and a.get("fingerprint") == fingerprint and bool(a.get("complete", False))
-            and "features" in f and f["features"].ndim == 3 and f["features"].shape[2] == dim):
-        return f["features"]
-    f.close()
-    return None
+    f = open_cached(path, kind=FEATURE_FORMAT, fingerprint=fingerprint,
+                    shapes={"features": (None, None, dim)})
+    return None if f is None else f["features"]
 
 
 def write_feature_cache(path: str | os.PathLike, fmap: np.ndarray, **attrs: Any) -> None:
-    """Write a (H, W, C) feature map to an HDF5 cache file atomically (temporary file in the
-    same folder, ``complete`` marker, fsync, rename); ``attrs`` must hold ``fingerprint``."""
-    from pathlib import Path
+    """Write a (H, W, C) feature map to a cache file (:mod:`hest2sge.cache`: atomic, with a
+    checksum); ``attrs`` must hold ``fingerprint``."""
+    from hest2sge.cache import write_cache
 
-    import h5py
+    attrs = dict(attrs)
+    fingerprint = attrs.pop("fingerprint")
+    hs, ws, c = fmap.shape
 
-    from hest2sge.data.patches import _remove_stale_temps, _temp_path
+    def fill(d: dict[str, Any]) -> None:
+        d["features"][...] = fmap
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = _temp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format": FEATURE_FORMAT, "format_version": FEATURE_CACHE_VERSION,
-                            "complete": False, **attrs})
-            hs, ws, c = fmap.shape
-            f.create_dataset("features", data=fmap, chunks=(min(32, hs), min(32, ws), c))
-            f.attrs["complete"] = True
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_cache(path, kind=FEATURE_FORMAT, fingerprint=fingerprint,
+                empty={"features": (fmap.shape, fmap.dtype, (min(32, hs), min(32, ws), c))},
+                fill=fill, attrs={"feature_cache_version": FEATURE_CACHE_VERSION, **attrs})
