@@ -35,6 +35,7 @@ __all__ = [
     "model_info",
     "models",
     "predict",
+    "predict_wsi",
     "register_model",
 ]
 
@@ -43,6 +44,7 @@ _LAZY = {
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
     "predict": ("hest2sge.predict", "predict"),
+    "predict_wsi": ("hest2sge.translational.wsi", "predict_wsi"),
 }
 _SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting", "cache"}
 

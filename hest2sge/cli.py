@@ -8,6 +8,13 @@ import sys
 from collections.abc import Sequence
 
 EXTRA_COMMANDS = ("models", "demo")
+#: Subcommands in their own modules: name -> ("module:function", help line).
+SUBCOMMANDS = {
+    "survival": ("hest2sge.translational.survival_cli:main",
+                 "Cox survival analysis on pseudobulk + clinical tables (the paper's protocol)"),
+    "predict-wsi": ("hest2sge.translational.wsi_cli:main",
+                    "predict on every tissue tile of a whole-slide image (no spots)"),
+}
 
 
 def _models_table(argv: Sequence[str]) -> int:
@@ -80,10 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models_table(argv[1:])
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
-    if argv and argv[0] == "survival":  # Cox survival on pseudobulk + clinical tables
-        from hest2sge.translational.survival_cli import main as survival_main
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return survival_main(argv[1:])
+        mod, func = SUBCOMMANDS[argv[0]][0].split(":")
+        return int(getattr(importlib.import_module(mod), func)(argv[1:]) or 0)
     lightning_cli(argv)
     return 0
 

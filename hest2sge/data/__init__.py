@@ -43,6 +43,8 @@ _EXPORTS = {
     "knn_graph": "graphs",
     "radius_graph": "graphs",
     "SpotDataModule": "datamodule",
+    "open_image": "images",
+    "StainNormalizer": "stain",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -199,6 +199,9 @@ class SpotDataModule(pl.LightningDataModule):
         graph_max_dist: Maximum edge length (array units); default from the model.
         allow_patient_overlap: Accept a split with a patient in training and held-out roles.
         predict_slides: Slide ids for ``predict_dataloader`` (default: test, else val).
+        stain_norm: Optional stain normalisation of every patch (all roles), off by default:
+            ``"macenko"``, a :class:`~hest2sge.data.stain.StainNormalizer` or its ``to_dict()``;
+            give the same to ``predict_wsi`` (``dm.stain_norm.to_dict()``).
     """
 
     def __init__(
@@ -221,6 +224,7 @@ class SpotDataModule(pl.LightningDataModule):
         graph_max_dist: float | None = None,
         allow_patient_overlap: bool = False,
         predict_slides: Sequence[str] | None = None,
+        stain_norm: Any = None,
     ) -> None:
         super().__init__()
         from hest2sge.data.io import load_slides
@@ -254,6 +258,9 @@ class SpotDataModule(pl.LightningDataModule):
         self.graph_max_dist = graph_max_dist
         self.target_transform_spec = target_transform
         self.predict_slides = list(predict_slides) if predict_slides is not None else None
+        from hest2sge.data.stain import as_stain_normalizer
+
+        self.stain_norm = as_stain_normalizer(stain_norm)
         self.target_transform: TargetTransform | None = None
         self.train_target_mean: np.ndarray | None = None
         self.tables: dict[str, SlideTable] = {}
@@ -329,6 +336,10 @@ class SpotDataModule(pl.LightningDataModule):
             slide = self._by_id[slide_id]
             store = cached_patches(slide, patch_size=self.patch_size,
                                    pixel_size_um=self.pixel_size_um, cache_dir=self.cache_dir)
+            if self.stain_norm is not None:
+                from hest2sge.data.stain import StainedPatches
+
+                store = StainedPatches(store, self.stain_norm)
             inputs = None
             if self.slide_inputs is not None:
                 inputs = self.slide_inputs(slide, cache_dir=self.cache_dir, slides=self.slides)

@@ -230,59 +230,83 @@ def _as_rgb_uint8(img: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def load_image_array(path: str | os.PathLike) -> np.ndarray:
+def load_image_array(path: str | os.PathLike, max_pixels: int | str | None = None) -> np.ndarray:
     """Read an RGB image file fully into memory as uint8 (H, W, 3).
 
-    Whole-slide sizes beyond PIL's decompression-bomb limit are allowed; TIFF files are read
-    with tifffile (memory-mapped where possible).
+    TIFF files are read with tifffile; flat images (JPEG, PNG, ...) with PIL behind the
+    decompression-bomb guard of :mod:`hest2sge.data.images` (a header over ``max_pixels``, by
+    default :func:`~hest2sge.data.images.max_image_pixels`, raises
+    :class:`~hest2sge.data.images.ImageTooLargeError`). Patch cutting does not call this: it
+    reads regions lazily through :class:`SlideImage`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if path.suffix.lower() in (".tif", ".tiff", ".btf"):
-        import tifffile
+    from hest2sge.data.images import open_image
 
-        arr = tifffile.imread(str(path))
-        return _as_rgb_uint8(arr, str(path))
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-    return arr
+    with open_image(path, max_pixels=max_pixels) as img:
+        return _as_rgb_uint8(img.read_level(0), str(path))
 
 
 class SlideImage:
     """Lazy access to a slide's image in full-resolution pixel coordinates.
 
+    File-backed images are opened with :func:`hest2sge.data.images.open_image`: pyramidal and
+    tiled TIFF / whole-slide files are read region by region (the full level 0 is never
+    decoded by :meth:`read_region`), flat JPEG/PNG files are decoded whole on first read behind
+    the decompression-bomb guard.
+
     Args:
         adata: A slide following the contract.
+        max_pixels: Pixel limit of flat image files (see
+            :func:`hest2sge.data.images.max_image_pixels`; default from the environment).
     """
 
-    def __init__(self, adata) -> None:
+    def __init__(self, adata, max_pixels: int | str | None = None) -> None:
         self.slide_id = slide_id_of(adata)
         entry = spatial_entry(adata)
         self.path = entry.get("image_path") or ""
         self.scale = float(entry.get("image_scale", 1.0))
+        self.max_pixels = max_pixels
         self._array: np.ndarray | None = entry.get("images", {}).get("fullres")
+        self._reader: Any = None
         if self._array is None and not self.path:
             raise SlideError(f"slide {self.slide_id!r} has no image to cut patches from")
 
     @property
+    def reader(self):
+        """The :class:`~hest2sge.data.images.WholeSlideImage` of the file (opened lazily)."""
+        if self._reader is None:
+            from hest2sge.data.images import ArrayImage, open_image
+
+            if self._array is not None:
+                self._reader = ArrayImage(self._array, self.path or None)
+            else:
+                self._reader = open_image(self.path, max_pixels=self.max_pixels)
+        return self._reader
+
+    @property
     def array(self) -> np.ndarray:
-        """The image as uint8 (H, W, 3), loaded on first access."""
+        """The whole image as uint8 (H, W, 3), loaded on first access.
+
+        Decodes the full level 0 of a pyramidal file: prefer :meth:`read_region`.
+        """
         if self._array is None:
-            self._array = load_image_array(self.path)
+            self._array = _as_rgb_uint8(self.reader.read_level(0), self.path)
         return self._array
 
     @property
+    def mpp(self) -> float | None:
+        """µm per full-resolution pixel from the image file's metadata (None when absent)."""
+        if not self.path:
+            return None
+        file_mpp = self.reader.mpp
+        return None if file_mpp is None else file_mpp * self.scale
+
+    @property
     def fullres_shape(self) -> tuple[float, float]:
-        """Height and width of the image in full-resolution pixels."""
-        h, w = self.array.shape[:2]
+        """Height and width of the image in full-resolution pixels (read from the header)."""
+        if self._array is not None:
+            h, w = self._array.shape[:2]
+        else:
+            w, h = self.reader.dimensions
         return h / self.scale, w / self.scale
 
     def read_region(self, x: float, y: float, size: float, out_size: int) -> np.ndarray:
@@ -293,31 +317,41 @@ class SlideImage:
         Returns:
             uint8 array (out_size, out_size, 3).
         """
-        img = self.array
         s = self.scale
         side = size * s
         x0 = x * s - side / 2.0
         y0 = y * s - side / 2.0
         ix0, iy0 = int(np.floor(x0 + 0.5)), int(np.floor(y0 + 0.5))
         n = max(int(round(side)), 1)
-        crop = np.full((n, n, 3), 255, dtype=np.uint8)
-        h, w = img.shape[:2]
-        sx0, sy0 = max(ix0, 0), max(iy0, 0)
-        sx1, sy1 = min(ix0 + n, w), min(iy0 + n, h)
-        if sx1 > sx0 and sy1 > sy0:
-            crop[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = img[sy0:sy1, sx0:sx1]
+        if self._array is None and self.reader.backend in ("pil", "array"):
+            self._array = self.reader.read_level(0)  # flat files are decoded whole anyway
+        if self._array is None:
+            crop = self.reader.read_region(ix0, iy0, n, n, level=0)
+        else:
+            img = self._array
+            crop = np.full((n, n, 3), 255, dtype=np.uint8)
+            h, w = img.shape[:2]
+            sx0, sy0 = max(ix0, 0), max(iy0, 0)
+            sx1, sy1 = min(ix0 + n, w), min(iy0 + n, h)
+            if sx1 > sx0 and sy1 > sy0:
+                crop[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = img[sy0:sy1, sx0:sx1]
         if n != out_size:
             from PIL import Image
 
             crop = np.asarray(
-                Image.fromarray(crop).resize((out_size, out_size), Image.Resampling.BILINEAR)
+                Image.fromarray(np.ascontiguousarray(crop)).resize(
+                    (out_size, out_size), Image.Resampling.BILINEAR
+                )
             )
         return crop
 
     def release(self) -> None:
-        """Drop the in-memory copy of a file-backed image."""
+        """Drop the in-memory copy and the open file of a file-backed image."""
         if self.path:
             self._array = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
 
 # --------------------------------------------------------------------------------------------

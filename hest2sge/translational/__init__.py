@@ -1,6 +1,6 @@
-"""Translational analysis (the benchmark paper's TCGA half): pseudobulk vs bulk RNA-seq,
-image quality (HistoQC colour metrics) and survival (lifelines Cox models). Names are imported
-on first use."""
+"""Translational analysis (the benchmark paper's TCGA half): whole-slide prediction
+without spots, pseudobulk vs bulk RNA-seq, image quality (HistoQC colour metrics) and survival
+(lifelines Cox models). Names are imported on first use."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    # wsi.py: spot-free whole-slide prediction
+    "predict_wsi": "wsi",
+    "tissue_mask": "wsi",
+    "WSIError": "wsi",
     # bulk.py: pseudobulk, GDC STAR reader, patient-level correlation
     "pseudobulk": "bulk",
     "read_star_counts": "bulk",
