@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,17 @@ demo: $(STAMP)
 	$(VENV)/bin/hest2sge demo --out demo_output
 
 test: $(STAMP)
-	$(PY) -m ruff check hest2sge tests benchmarks
+	$(PY) -m ruff check hest2sge tests benchmarks examples
 	$(PY) -m pytest -q tests
+	$(MAKE) docs
+
+# The documentation site (mkdocs-material + mkdocstrings); --strict fails on broken links,
+# missing references and docstring errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 lint: $(STAMP)
-	$(PY) -m ruff check hest2sge tests benchmarks
+	$(PY) -m ruff check hest2sge tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache site
