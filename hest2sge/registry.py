@@ -45,7 +45,12 @@ def _ensure_builtins() -> None:
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
+    """Names of all registered models, sorted.
+
+    Example:
+        >>> {"stnet", "hist2st", "egnv2"} <= set(list_models())
+        True
+    """
     _ensure_builtins()
     return sorted(_REGISTRY)
 

@@ -1,6 +1,6 @@
 """``SpotDataModule``: slides + a split -> Lightning data loaders.
 
-Batches are dicts of tensors (DESIGN.md):
+Batches are dicts of tensors:
 
 * ``img`` (B, 3, H, W): uint8 from the loader; :class:`~hest2sge.models.base.SpotModel`
   turns it into float in [0, 1] on the device, so models always see float pixels.

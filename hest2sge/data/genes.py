@@ -53,6 +53,11 @@ def published_panel(name: str) -> list[str]:
 
     Raises:
         ValueError: for an unknown name (the known names are listed).
+
+    Example:
+        >>> panel = published_panel("her2st_785")
+        >>> len(panel), len(set(panel))
+        (785, 785)
     """
     from importlib.resources import files
 

@@ -1,7 +1,7 @@
 """Per-gene evaluation metrics of the benchmark, as pure torch functions.
 
 Every function reproduces the definition in the benchmark's R code (Wang, Chan et al., Nat Commun
-2025; SydneyBioX/HEtoSGEBench, ``benchmarkUtils.R``) and SPEC.md section 4, including its corner
+2025; SydneyBioX/HEtoSGEBench, ``benchmarkUtils.R``) and the paper's Methods, including its corner
 cases, so that numbers computed here can be compared with the paper's.
 
 Conventions shared by all functions:
@@ -296,6 +296,13 @@ def pcc(pred: Tensor, truth: Tensor) -> Tensor:
 
     Raises:
         ValueError: If the shapes differ or are not 1-D/2-D.
+
+    Example:
+        >>> import torch
+        >>> truth = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 5.0]])
+        >>> pred = torch.tensor([[0.0, 3.0], [1.0, 2.0], [2.0, 1.0]])
+        >>> pcc(pred, truth).round(decimals=3).tolist()
+        [1.0, -0.866]
     """
     p, t, squeeze = _prepare(pred, truth)
     return _finish(_pearson(p, t), squeeze, p, t)

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Where the benchmark protocol itself is written down (checkpoint selection for all models).
-_PROTOCOL = ("paper Methods (evaluation): best epoch by validation PCC within each fold; "
-             "SPEC.md section 5")
+_PROTOCOL = "paper Methods (evaluation): best epoch by validation PCC within each fold"
 
 
 class _ReadOnlyDict(dict):
@@ -67,7 +66,7 @@ class ModelRecord:
         early_stopping: ``EarlyStopping`` keyword arguments, or ``None``.
         augment: Whether the data module's flips/rotations apply to training patches.
         target_transform: The paper's target transform spec.
-        sources: Setting name -> its source (MODELS.md, the paper's Methods, original code).
+        sources: Setting name -> its source (the paper's Methods, the original code or repository).
         from_scratch: Model-argument overrides that train from random initialisation (named
             by the warning when ``pretrained=False``); empty when the paper settings need no
             pretrained weights.
@@ -168,18 +167,18 @@ _add(ModelRecord(
     max_epochs=50, batch_size=32, monitor="val/pcc", augment=True,
     target_transform={"kind": "stnet"},
     sources={
-        "backbone": "MODELS.md ST-Net: torchvision DenseNet-121, ImageNet-pretrained "
+        "backbone": "original ST-Net repository: torchvision DenseNet-121, ImageNet-pretrained "
                     "(README --model densenet121 --pretrain); timm tag densenet121.tv_in1k = "
                     "the torchvision weights",
-        "optimizer": "MODELS.md ST-Net: SGD, momentum 0.9, weight decay 0 (stnet/parser.py)",
-        "lr": "MODELS.md ST-Net: lr 1e-6 (README run; parser default 1e-5)",
-        "max_epochs": "paper Methods (ST-Net): 50 epochs; MODELS.md (README)",
+        "optimizer": "original ST-Net repository: SGD, momentum 0.9, weight decay 0 (stnet/parser.py)",
+        "lr": "original ST-Net repository: lr 1e-6 (README run; parser default 1e-5)",
+        "max_epochs": "paper Methods (ST-Net): 50 epochs; original repository README",
         "batch_size": "paper Methods (ST-Net): batch size 32",
         "monitor": _PROTOCOL + " (the original picks the epoch by an inner 4-fold CV)",
-        "augment": "paper Methods (ST-Net): rotations and flips; MODELS.md: h/v flips, rot90",
-        "target_transform": "MODELS.md ST-Net: ln((1 + c) / (n_genes_all + total)) "
+        "augment": "paper Methods (ST-Net): rotations and flips; original code: h/v flips, rot90",
+        "target_transform": "original ST-Net repository: ln((1 + c) / (n_genes_all + total)) "
                             "(stnet/datasets/spatial.py)",
-        "loss_reduction": "MODELS.md ST-Net: squared error summed over the batch / n_genes "
+        "loss_reduction": "original ST-Net repository: squared error summed over the batch / n_genes "
                           "(stnet/cmd/run_spatial.py)",
         "patch_size": "paper Methods (ST-Net): 224 x 224 px patches",
         "normalize": "hest2sge: ImageNet statistics of the pretrained trunk (the original "
@@ -187,7 +186,7 @@ _add(ModelRecord(
         "from_scratch": "hest2sge demo (hest2sge/demo.py): ST-Net from random init on "
                         "synthetic slides trains with Adam lr 1e-3, mean-reduced loss; the "
                         "paper's SGD lr 1e-6 leaves the loss flat without ImageNet weights "
-                        "(issue 8)",
+                        "(measured: benchmarks/config_checks.py)",
     },
     from_scratch={"optimizer": "adam", "lr": 1e-3, "loss_reduction": "mean"},
 ))
@@ -199,17 +198,17 @@ _add(ModelRecord(
     max_epochs=100, batch_size=None, monitor=None, augment=False,
     target_transform={"kind": "log_norm"},
     sources={
-        "lr": "MODELS.md HisToGene: Adam lr 1e-5, no weight decay, no scheduler "
+        "lr": "original HisToGene repository: Adam lr 1e-5, no weight decay, no scheduler "
               "(tutorial.ipynb)",
-        "optimizer": "MODELS.md HisToGene: Adam (tutorial.ipynb)",
+        "optimizer": "original HisToGene repository: Adam (tutorial.ipynb)",
         "max_epochs": "paper Methods (HisToGene): 100 epochs",
         "monitor": "paper Methods (HisToGene): 'The final model used was the model after all "
                    "epochs, as per the HisToGene pipeline' (last epoch)",
-        "batch_size": "MODELS.md HisToGene: one slide per step (DataLoader batch_size=1)",
-        "augment": "MODELS.md HisToGene: no augmentation for the ViT datasets",
+        "batch_size": "original HisToGene repository: one slide per step (DataLoader batch_size=1)",
+        "augment": "original HisToGene repository: no augmentation for the ViT datasets",
         "n_layers": "paper Methods (HisToGene): 8 attention layers, 16 heads, dropout 0.1",
         "patch_size": "paper Methods (data): 224 x 224 px patches (112 in the original)",
-        "target_transform": "MODELS.md HisToGene: scprep log10(1 + 1e4 c / panel sum)",
+        "target_transform": "original HisToGene repository: scprep log10(1 + 1e4 c / panel sum)",
         "normalize": "hest2sge: pixels in [0, 1], ImageNet statistics (original: raw 0-255)",
     },
 ))
@@ -222,20 +221,20 @@ _add(ModelRecord(
     max_epochs=350, batch_size=None, monitor="val/pcc", augment=False,
     target_transform={"kind": "log_norm"},
     sources={
-        "optimizer": "MODELS.md Hist2ST: Adam lr 1e-5 (HIST2ST_train.py)",
-        "lr": "paper Methods (Hist2ST): default parameters of the original paper; MODELS.md: "
+        "optimizer": "original Hist2ST repository: Adam lr 1e-5 (HIST2ST_train.py)",
+        "lr": "paper Methods (Hist2ST): default parameters of the original paper; original code: "
               "Adam lr 1e-5",
-        "scheduler": "MODELS.md Hist2ST: StepLR(step_size 50 epochs, gamma 0.9) "
+        "scheduler": "original Hist2ST repository: StepLR(step_size 50 epochs, gamma 0.9) "
                      "(HIST2ST_train.py)",
         "max_epochs": "paper Methods (Hist2ST): 350 epochs",
         "batch_size": "paper Methods (Hist2ST): batch size of 1 (one slide)",
         "monitor": _PROTOCOL + " (the original keeps the last epoch)",
-        "augment": "MODELS.md Hist2ST: augmentations only inside the self-distillation views "
+        "augment": "original Hist2ST repository: augmentations only inside the self-distillation views "
                    "(the model draws them), none on the loader",
         "patch_size": "paper Methods (Hist2ST): 224 px patches and 16 channels in the "
                       "benchmark (original 112 px, 32 channels)",
-        "zinb_weight": "MODELS.md Hist2ST: loss MSE + 0.25 ZINB + 0.5 distillation (5 views)",
-        "target_transform": "MODELS.md Hist2ST: scprep log10(1 + 1e4 c / panel sum) + raw "
+        "zinb_weight": "original Hist2ST repository: loss MSE + 0.25 ZINB + 0.5 distillation (5 views)",
+        "target_transform": "original Hist2ST repository: scprep log10(1 + 1e4 c / panel sum) + raw "
                             "counts for ZINB",
         "normalize": "hest2sge: pixels in [0, 1], ImageNet statistics (original: raw 0-255)",
     },
@@ -248,16 +247,16 @@ _add(ModelRecord(
     max_epochs=200, batch_size=None, monitor="val/pcc", augment=False,
     target_transform={"kind": "log_norm"},
     sources={
-        "optimizer": "paper Methods (THItoGene): Adam; MODELS.md: no scheduler, no weight "
+        "optimizer": "paper Methods (THItoGene): Adam; original code: no scheduler, no weight "
                      "decay (train.py)",
         "lr": "paper Methods (THItoGene): learning rate 1e-5",
         "max_epochs": "paper Methods (THItoGene): up to 200 epochs (README; train.py 300)",
         "batch_size": "paper Methods (THItoGene): batch size of 1 (one slide)",
         "monitor": _PROTOCOL + " (the original keeps the last epoch)",
-        "augment": "MODELS.md THItoGene: no augmentation (transform defined but unused)",
+        "augment": "original THItoGene repository: no augmentation (transform defined but unused)",
         "patch_size": "paper Methods (THItoGene): 112 x 112 px patches",
         "heads": "paper Methods (THItoGene): capsules 20 x 64, heads [16, 8], 4 blocks",
-        "target_transform": "MODELS.md THItoGene: scprep log10(1 + 1e4 c / panel sum)",
+        "target_transform": "original THItoGene repository: scprep log10(1 + 1e4 c / panel sum)",
         "normalize": "hest2sge: pixels in [0, 1], ImageNet statistics (original: raw 0-255)",
     },
 ))
@@ -270,20 +269,20 @@ _add(ModelRecord(
     max_epochs=50, batch_size=32, monitor="val/pcc", augment=False,
     target_transform={"kind": "log_minmax", "base": 10},
     sources={
-        "extractor": "MODELS.md EGN v1: frozen torchvision ResNet-50 ImageNet for retrieval "
+        "extractor": "original EGN v1 repository: frozen torchvision ResNet-50 ImageNet for retrieval "
                      "(v1/build_exemplar.py); timm tag resnet50.tv_in1k",
-        "optimizer": "MODELS.md EGN v1: AdamW, weight decay 1e-4 (v1/main.py)",
+        "optimizer": "original EGN v1 repository: AdamW, weight decay 1e-4 (v1/main.py)",
         "lr": "paper Methods (EGNv1): learning rate 5e-5 with a cosine annealing scheduler "
               "and weight decay 1e-4",
         "scheduler": "paper Methods (EGNv1): cosine annealing",
         "max_epochs": "paper Methods (EGNv1): 50 epochs",
         "batch_size": "paper Methods (EGNv1): batch size 32",
         "monitor": _PROTOCOL,
-        "augment": "MODELS.md EGN v1: no augmentation",
+        "augment": "original EGN v1 repository: no augmentation",
         "n_exemplars": "paper Methods (EGNv1): 9 nearest exemplars",
         "patch_size": "paper Methods (EGNv1): input 224 x 224 (original 256)",
-        "pcc_weight": "MODELS.md EGN v1: MSE + 0.5 (1 - batch PCC) (v1/train.py)",
-        "target_transform": "MODELS.md EGN v1: log10(1 + c), min-max from training slides",
+        "pcc_weight": "original EGN v1 repository: MSE + 0.5 (1 - batch PCC) (v1/train.py)",
+        "target_transform": "original EGN v1 repository: log10(1 + c), min-max from training slides",
         "normalize": "hest2sge: ImageNet statistics (original: its slides' statistics)",
         "from_scratch": "the ViT is trained from scratch in the paper; without ImageNet "
                         "weights only the exemplar retrieval degrades (random features), so "
@@ -300,20 +299,20 @@ _add(ModelRecord(
     max_epochs=50, batch_size=None, monitor="val/pcc", augment=False,
     target_transform={"kind": "log_minmax", "base": 10},
     sources={
-        "extractor": "MODELS.md EGGN: frozen torchvision ResNet-18 ImageNet (512-d) "
+        "extractor": "original EGGN repository: frozen torchvision ResNet-18 ImageNet (512-d) "
                      "(v2/build_exemplar.py); timm tag resnet18.tv_in1k",
-        "optimizer": "MODELS.md EGGN: AdamW, weight decay 1e-4 (v2/main.py)",
+        "optimizer": "original EGGN repository: AdamW, weight decay 1e-4 (v2/main.py)",
         "lr": "paper Methods (EGNv2): learning rate 5e-4 with a cosine annealing scheduler "
               "and weight decay 1e-4",
         "scheduler": "paper Methods (EGNv2): cosine annealing (the original: constant)",
         "max_epochs": "paper Methods (EGNv2): 50 epochs for HER2+ (300 for cSCC)",
         "batch_size": "paper Methods (EGNv2): batch size of 1 (one slide graph)",
         "monitor": _PROTOCOL,
-        "augment": "MODELS.md EGGN: no augmentation",
+        "augment": "original EGGN repository: no augmentation",
         "hidden": "paper Methods (EGNv2): GraphSAGE, 512 hidden, 4 layers",
         "patch_size": "paper Methods (EGNv2): input 224 x 224 (original 256)",
-        "pcc_weight": "MODELS.md EGGN: MSE + 0.5 (1 - PCC) (v2/train.py)",
-        "target_transform": "MODELS.md EGGN: log10(1 + c), min-max from training slides",
+        "pcc_weight": "original EGGN repository: MSE + 0.5 (1 - PCC) (v2/train.py)",
+        "target_transform": "original EGGN repository: log10(1 + c), min-max from training slides",
         "normalize": "hest2sge: ImageNet statistics (original: (x - 0.5) / 0.5)",
         "from_scratch": "only the frozen retrieval extractor is pretrained; the graph network "
                         "trains from random init in the paper, so no override",
@@ -328,18 +327,18 @@ _add(ModelRecord(
     target_transform={"kind": "log_norm"},
     sources={
         "variant": "paper Methods (TCGN): CMT blocks with the default parameters of CMT-Ti; "
-                   "MODELS.md: cmt_tiny.pth ImageNet weights of ggjy/CMT.pytorch",
-        "optimizer": "paper Methods (TCGN): Adam, betas 0.9/0.999; MODELS.md: weight decay 0",
-        "lr": "MODELS.md TCGN: Adam lr 1e-5 (train.py)",
+                   "original code: cmt_tiny.pth ImageNet weights of ggjy/CMT.pytorch",
+        "optimizer": "paper Methods (TCGN): Adam, betas 0.9/0.999; original code: weight decay 0",
+        "lr": "original TCGN repository: Adam lr 1e-5 (train.py)",
         "max_epochs": "paper Methods (TCGN): up to 80 epochs (train.py range(1, 80))",
         "batch_size": "paper Methods (TCGN): batch size 32",
         "monitor": _PROTOCOL,
-        "augment": "MODELS.md TCGN: RandomRotation(180) + h/v flips (loader flips + the "
+        "augment": "original TCGN repository: RandomRotation(180) + h/v flips (loader flips + the "
                    "model's own rotation)",
         "patch_size": "paper Methods (TCGN): 112 x 112 px input, resized to 224",
         "top_k": "paper Methods (TCGN): top-k of 4",
-        "target_transform": "MODELS.md TCGN: scprep log10(1 + 1e4 c / panel sum)",
-        "normalize": "MODELS.md TCGN: /255 then ImageNet mean/std",
+        "target_transform": "original TCGN repository: scprep log10(1 + 1e4 c / panel sum)",
+        "normalize": "original TCGN repository: /255 then ImageNet mean/std",
         "from_scratch": "hest2sge (not measured): without CMT-Ti ImageNet weights, Adam 1e-4 "
                         "instead of the fine-tuning rate 1e-5",
     },
@@ -355,23 +354,23 @@ _add(ModelRecord(
     early_stopping={"monitor": "val/loss", "mode": "min", "patience": 5},
     target_transform={"kind": "sct", "library": "all"},
     sources={
-        "backbone": "paper Methods (DeepSpaCE): VGG16 backbone; MODELS.md: ImageNet "
+        "backbone": "paper Methods (DeepSpaCE): VGG16 backbone; original code: ImageNet "
                     "torchvision VGG16 (DeepSpaceLib.py make_model); timm tag vgg16.tv_in1k",
-        "optimizer": "MODELS.md DeepSpaCE: Adam lr 1e-4, weight decay 1e-4",
+        "optimizer": "original DeepSpaCE repository: Adam lr 1e-4, weight decay 1e-4",
         "lr": "paper Methods (DeepSpaCE): learning rate and weight decay of the original "
-              "(MODELS.md: 1e-4 / 1e-4)",
+              "(original code: 1e-4 / 1e-4)",
         "max_epochs": "paper Methods (DeepSpaCE): at most 50 epochs",
         "early_stopping": "paper Methods (DeepSpaCE): stop when no improvement within 5 "
-                          "epochs (validation loss, MODELS.md)",
+                          "epochs (validation loss, original code)",
         "monitor": "paper Methods (DeepSpaCE): the model with the highest validation "
                    "correlation",
-        "batch_size": "MODELS.md DeepSpaCE: batch 128 x number of GPUs (original code; the "
+        "batch_size": "original DeepSpaCE repository: batch 128 x number of GPUs (original code; the "
                       "benchmark does not state it)",
-        "augment": "MODELS.md DeepSpaCE: flip,crop,color,random families, applied by the "
+        "augment": "original DeepSpaCE repository: flip,crop,color,random families, applied by the "
                    "model itself (loader flips off)",
-        "target_transform": "MODELS.md DeepSpaCE: SCTransform counts -> log10(1 + x) -> "
+        "target_transform": "original DeepSpaCE repository: SCTransform counts -> log10(1 + x) -> "
                             "min-max",
-        "normalize": "MODELS.md DeepSpaCE: ImageNet mean/std (BasicLib.py)",
+        "normalize": "original DeepSpaCE repository: ImageNet mean/std (BasicLib.py)",
         "patch_size": "paper Methods (data): 224 x 224 px (original: 376 px resized to 224)",
         "from_scratch": "hest2sge: the paper's Adam 1e-4 also trains VGG16 from random init; "
                         "no override",
@@ -388,16 +387,16 @@ _add(ModelRecord(
     sources={
         "backbone": "paper Methods (DeepPT): ResNet-50 pretrained on ImageNet (2048-d); "
                     "timm tag resnet50.tv_in1k = the torchvision weights",
-        "optimizer": "hest2sge: not published (MODELS.md DeepPT: optimiser unknown); Adam",
-        "lr": "hest2sge: not published (MODELS.md DeepPT: learning rate unknown); 1e-4",
+        "optimizer": "hest2sge: not published (original DeepPT repository: optimiser unknown); Adam",
+        "lr": "hest2sge: not published (original DeepPT repository: learning rate unknown); 1e-4",
         "max_epochs": "paper Methods (DeepPT): a maximum of 500 epochs",
         "batch_size": "paper Methods (DeepPT): batch size 32",
         "dropout": "paper Methods (DeepPT): dropout 0.2",
         "monitor": _PROTOCOL,
         "augment": "paper Methods (DeepPT): rotations during training",
-        "freeze_backbone": "MODELS.md DeepPT: a feature extractor (whether it is fine-tuned "
+        "freeze_backbone": "original DeepPT repository: a feature extractor (whether it is fine-tuned "
                            "is not published)",
-        "target_transform": "MODELS.md DeepPT: original (untransformed) expression "
+        "target_transform": "original DeepPT repository: original (untransformed) expression "
                             "(HEtoSGEBench 00-CombineDat.Rmd)",
         "normalize": "hest2sge: ImageNet statistics of the pretrained trunk",
         "from_scratch": "hest2sge: a frozen random trunk is a fixed random projection; "
@@ -413,19 +412,19 @@ _add(ModelRecord(
     max_epochs=400, batch_size=128, monitor="val/pcc", augment=False,
     target_transform={"kind": "minmax"},
     sources={
-        "pretrained": "MODELS.md iStar: frozen HIPT DINO checkpoints vit256_small_dino.pth, "
+        "pretrained": "original iStar repository: frozen HIPT DINO checkpoints vit256_small_dino.pth, "
                       "vit4k_xs_dino.pth (download_checkpoints.sh)",
         "optimizer": "paper Methods (iStar): Adam",
-        "lr": "MODELS.md iStar: Adam lr 1e-4 (impute.py)",
+        "lr": "original iStar repository: Adam lr 1e-4 (impute.py)",
         "max_epochs": "paper Methods (iStar): 400 epochs",
-        "batch_size": "MODELS.md iStar: batch min(128, n_spots // 16) (impute.py): 128 on "
+        "batch_size": "original iStar repository: batch min(128, n_spots // 16) (impute.py): 128 on "
                       "multi-section training sets",
         "monitor": _PROTOCOL,
-        "augment": "MODELS.md iStar: no augmentation",
+        "augment": "original iStar repository: no augmentation",
         "pixel_size_um": "paper Methods (iStar): images rescaled to 0.5 um per pixel, 16 px "
                          "superpixels, 579 features",
         "n_states": "Table 1 (2.19 M = 4 MLPs at 785 genes); the original's default is 5",
-        "normalize": "MODELS.md iStar: /255 then mean 0.5, std 0.5 (HIPT input)",
+        "normalize": "original iStar repository: /255 then mean 0.5, std 0.5 (HIPT input)",
         "target_transform": "paper Methods (iStar): expression normalised to [0, 1] (raw "
                             "counts, min-max)",
         "from_scratch": "the encoder is frozen, so it cannot be trained from scratch here; "
@@ -445,8 +444,8 @@ _add(ModelRecord(
         "max_epochs": "hest2sge: closed-form fit, one pass over the training spots",
         "batch_size": "hest2sge: loader batch only (the fit sees all training spots at once)",
         "monitor": "hest2sge: one fit, nothing to select",
-        "augment": "MODELS.md GeneCodeR: un-augmented crops",
-        "target_transform": "MODELS.md GeneCodeR: raw counts",
+        "augment": "original GeneCodeR repository: un-augmented crops",
+        "target_transform": "original GeneCodeR repository: raw counts",
         "patch_size": "paper Methods (data): 224 x 224 px (vignette: 30 px)",
         "solver": "hest2sge (deliberate difference, see the GeneCodeR docstring, 'Solvers'): "
                   "the published gcode coordinate descent (solver='gcode', matched to the R "
@@ -489,6 +488,13 @@ def get_record(name: str) -> ModelRecord:
 
     Raises:
         KeyError: with the closest names when ``name`` is neither recorded nor registered.
+
+    Example:
+        >>> rec = get_record("stnet")
+        >>> rec.model["optimizer"], rec.model["lr"], rec.max_epochs, rec.batch_size
+        ('sgd', 1e-06, 50, 32)
+        >>> get_record("histogene").monitor is None   # HisToGene keeps its last epoch
+        True
     """
     key = str(name).lower()
     if key in _RECORDS:

@@ -107,7 +107,10 @@ class DeepPT(SpotModel):
         ensemble: Number of averaged members.
         cache_features: Train from cached trunk features when the trunk is frozen.
         cache_views: Dihedral views cached for training slides (1, 2, 4 or 8).
-        optimizer, lr, weight_decay, scheduler: Optimiser (not published: Adam, lr 1e-4).
+        optimizer: Optimiser (not published: Adam, lr 1e-4).
+        lr: See ``optimizer``.
+        weight_decay: See ``optimizer``.
+        scheduler: See ``optimizer``.
         **kwargs: Further :class:`SpotModel` arguments.
     """
 

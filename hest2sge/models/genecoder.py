@@ -114,7 +114,7 @@ class GeneCodeR(SpotModel):
         sections (C2 +0.185, C6 +0.184) and +0.181 on held-out C4 (21 passes, 1,140 s on a
         loaded 2-core CPU); ``"lstsq"`` gives 0.84-0.88 (C2 0.872, C6 0.859) and 0.072 on C4
         (63 s). Trained on C2+C6 (365 spots), gcode gives +0.036 / +0.036 and +0.008 to +0.021
-        on C3-C5 (313 s); issue 8 measured -0.14 / -0.08 on C2 / C6 and -0.19 held out in
+        on C3-C5 (313 s); the previous release measured -0.14 / -0.08 on C2 / C6 and -0.19 held out in
         another run; ``"lstsq"`` interpolates (1.00; 365 spots < 500 components) and gives
         0.05-0.07 on C3-C5 (26 s). Trained on C2+C3+C5+C6 with 28 px pooled pixels, the
         centred gcode prediction has rank one (top singular value >= 99.5 % of its variance

@@ -179,22 +179,36 @@ class Hist2ST(SpotModel):
       * Size factors divide by the median over spots with non-zero panel counts.
 
     Args:
-        genes, n_genes: Gene panel (or its size when names are unknown).
-        patch_size, channel, kernel_size, patch_kernel: Patch side (224), ConvMixer channels
-            (16, a multiple of 8), depthwise kernel (5), patch-embedding kernel/stride (7).
-        depth1, depth2, depth3: ConvMixer blocks, transformer blocks, GraphSAGE layers.
-        heads, dim_head, dropout: Attention heads, width per head, dropout rate.
+        genes: Gene panel (or its size when names are unknown).
+        n_genes: See ``genes``.
+        patch_size: Patch side (224), ConvMixer channels (16, a multiple of 8), depthwise kernel
+            (5), patch-embedding kernel/stride (7).
+        channel: See ``patch_size``.
+        kernel_size: See ``patch_size``.
+        patch_kernel: See ``patch_size``.
+        depth1: ConvMixer blocks, transformer blocks, GraphSAGE layers.
+        depth2: See ``depth1``.
+        depth3: See ``depth1``.
+        heads: Attention heads, width per head, dropout rate.
+        dim_head: See ``heads``.
+        dropout: See ``heads``.
         n_pos: Rows of the x/y position tables (array coordinates must be below it).
-        zinb_weight, distill_weight: Loss weights (``zinb_weight=0`` drops the ZINB heads).
+        zinb_weight: Loss weights (``zinb_weight=0`` drops the ZINB heads).
+        distill_weight: See ``zinb_weight``.
         distill_views: Augmented views per step (0 drops distillation and its MLP).
         distill_mode: ``"auto"``, ``"batched"`` or ``"sequential"``.
         aug_per_spot: Draw augmentations per spot instead of per view.
         max_live_spots: Spot-views whose activations may be kept at once (auto choices).
         encoder_chunk: Spots per encoder chunk, and patches per encoder call.
         checkpointing: ``"auto"``, ``"none"``, ``"encoder"``, ``"views"`` or ``"full"``.
-        graph_k, graph_max_dist: Neighbour graph (4, 2.0 = "Grid"; None = no pruning).
-        optimizer, lr, weight_decay: Optimiser (paper: Adam, lr 1e-5, no weight decay).
-        scheduler, scheduler_step, scheduler_gamma: Paper: StepLR every 50 epochs, gamma 0.9.
+        graph_k: Neighbour graph (4, 2.0 = "Grid"; None = no pruning).
+        graph_max_dist: See ``graph_k``.
+        optimizer: Optimiser (paper: Adam, lr 1e-5, no weight decay).
+        lr: See ``optimizer``.
+        weight_decay: See ``optimizer``.
+        scheduler: Paper: StepLR every 50 epochs, gamma 0.9.
+        scheduler_step: See ``scheduler``.
+        scheduler_gamma: See ``scheduler``.
         **kwargs: Further :class:`SpotModel` arguments.
     """
 

@@ -76,8 +76,10 @@ class HisToGene(SuperResolutionMixin, SpotModel):
         mlp_dim: Feed-forward hidden width (default ``2 * dim``).
         dropout: Dropout (embeddings, attention output, feed-forward).
         n_pos: Rows of each position table (array coordinates must be < n_pos).
-        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-5, no weight
-            decay, no schedule).
+        optimizer: Optimiser (paper: Adam, lr 1e-5, no weight decay, no schedule).
+        lr: See ``optimizer``.
+        weight_decay: See ``optimizer``.
+        scheduler: See ``optimizer``.
         checkpoint_spots: Chunk size (spots) of the checkpointed patch embedding on larger
             slides; 0 disables chunking.
         checkpointing: Activation checkpointing of the transformer blocks.

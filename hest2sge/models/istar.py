@@ -103,13 +103,20 @@ class IStar(SpotModel):
         shifts: Grid offsets per axis for shift averaging (4: the paper's 16 passes; 1: one pass,
             16x cheaper).
         smooth: Uniform smoothing of the region (16 x 16) and token (4 x 4) features.
-        vit256_dim, vit256_depth, vit256_heads: ViT-256 (paper: 384, 12, 6).
-        vit4k_dim, vit4k_depth, vit4k_heads: ViT-4K (paper: 192, 6, 6).
+        vit256_dim: ViT-256 (paper: 384, 12, 6).
+        vit256_depth: See ``vit256_dim``.
+        vit256_heads: See ``vit256_dim``.
+        vit4k_dim: ViT-4K (paper: 192, 6, 6).
+        vit4k_depth: See ``vit4k_dim``.
+        vit4k_heads: See ``vit4k_dim``.
         hidden: MLP width.
         n_states: Ensemble size (median of the members' superpixel predictions).
         extract_batch: 256 px regions per encoder forward pass.
         patch_size: Side of the spot patches the data module still cuts (unused by iStar).
-        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-4).
+        optimizer: Optimiser (paper: Adam, lr 1e-4).
+        lr: See ``optimizer``.
+        weight_decay: See ``optimizer``.
+        scheduler: See ``optimizer``.
         normalize: HIPT pixel normalisation (``"half"``: mean 0.5, std 0.5, as the original).
         **kwargs: Further :class:`SpotModel` arguments.
     """

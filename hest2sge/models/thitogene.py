@@ -95,8 +95,10 @@ class THItoGene(SuperResolutionMixin, SpotModel):
         dim_head: Transformer width per head.
         dropout: Dropout (embeddings, transformer, GAT).
         n_pos: Rows of each position table.
-        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-5, no weight
-            decay, no schedule).
+        optimizer: Optimiser (paper: Adam, lr 1e-5, no weight decay, no schedule).
+        lr: See ``optimizer``.
+        weight_decay: See ``optimizer``.
+        scheduler: See ``optimizer``.
         checkpoint_spots: Encode patches in checkpointed chunks of this many spots on larger
             slides (0: off, whole-slide BatchNorm statistics as in the original).
         checkpointing: Activation checkpointing of the transformer blocks.

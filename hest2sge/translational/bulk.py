@@ -1,6 +1,6 @@
 """Pseudobulk of predicted expression, GDC STAR gene-count files, patient-level correlation.
 
-The benchmark paper (SPEC.md section 6) predicts every 224 px tile of a TCGA-BRCA diagnostic
+The benchmark paper predicts every 224 px tile of a TCGA-BRCA diagnostic
 slide, averages the predictions per image (the *pseudobulk*) and compares it with the slide's
 bulk RNA-seq: the **patient-level correlation** is Pearson's r between ``log(pred + 1)``
 (negative predictions clipped to 0) and ``log(bulk)`` over the genes with ``log(bulk) > 5``
@@ -289,7 +289,7 @@ def patient_correlation(
     min_genes: int = 3,
     key: str = "sample",
 ):
-    """Patient-level correlation (SPEC.md section 6) for every sample in both tables.
+    """Patient-level correlation for every sample in both tables.
 
     Pearson's r between ``log(pred + 1)`` (``pred`` clipped at 0) and ``log(bulk)`` over the
     genes both tables share with ``log(bulk) > min_log_bulk`` (natural log).

@@ -1,6 +1,6 @@
 """Image quality: HistoQC's colour metrics per slide, their PCA, and PC1 vs prediction quality.
 
-The benchmark paper (SPEC.md section 6, Fig. 4a) ran HistoQC on the TCGA diagnostic slides,
+The benchmark paper (Methods, Fig. 4a) ran HistoQC on the TCGA diagnostic slides,
 took its colour metrics, ran a PCA on the scaled metrics and correlated the first component
 with each slide's patient-level correlation. This module computes the same nine metrics with
 HistoQC's definitions (``BrightContrastModule``, read from choosehappy/HistoQC), on a tissue mask

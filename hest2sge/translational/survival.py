@@ -1,6 +1,6 @@
 """Survival analysis on (pseudo)bulk expression: the benchmark paper's Cox protocol, with lifelines.
 
-SPEC.md section 6 / paper Methods "Survival analysis", per breast-cancer subtype (HER2+, TNBC,
+The paper's Methods "Survival analysis", per breast-cancer subtype (HER2+, TNBC,
 luminal from the ER/PR/HER2 receptor status):
 
 * time = days to death, or days to last follow-up when alive, in years; event = death;
@@ -216,10 +216,18 @@ def concordance(time: Any, event: Any, risk: Any) -> float | np.ndarray:
     later, or ``j`` was censored at ``i``'s death time; tied risks count 1/2.
 
     Args:
-        time: (n,) times. event: (n,) 0/1. risk: (n,) or (n, k) scores.
+        time: (n,) times.
+        event: (n,) 0/1 (1 = the event was observed).
+        risk: (n,) or (n, k) scores.
 
     Returns:
         A float for 1-D ``risk``, else (k,) array. NaN when no pair is comparable.
+
+    Example:
+        >>> concordance([1, 2, 3], [1, 1, 1], [3, 2, 1])   # higher risk died first
+        1.0
+        >>> concordance([1, 2, 3], [1, 1, 1], [1, 1, 1])   # ties count one half
+        0.5
     """
     t = np.asarray(time, dtype=np.float64).ravel()
     e = np.asarray(event).astype(bool).ravel()
