@@ -76,6 +76,7 @@ ckpt = pl.callbacks.ModelCheckpoint(dirpath=OUT / "checkpoints", monitor="val/pc
                                     mode="max")
 trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", logger=False,
                      callbacks=[metrics, ckpt], enable_progress_bar=False,
+                     enable_model_summary=False,
                      num_sanity_val_steps=0)
 trainer.fit(model, dm)
 

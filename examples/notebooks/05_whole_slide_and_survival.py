@@ -78,7 +78,8 @@ dm = hest2sge.SpotDataModule(slides, split=split, genes=genes, n_genes=50,
                              allow_patient_overlap=True, cache_dir=OUT / "cache", **dm_kw)
 model = hest2sge.load("stnet", genes=dm.genes, **model_kw)
 pl.Trainer(max_epochs=epochs, accelerator="auto", logger=False, enable_progress_bar=False,
-           enable_checkpointing=False, num_sanity_val_steps=0).fit(model, dm)
+           enable_model_summary=False, enable_checkpointing=False,
+           num_sanity_val_steps=0).fit(model, dm)
 _ = model.eval()
 
 # %% [markdown]
