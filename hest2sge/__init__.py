@@ -29,6 +29,7 @@ __all__ = [
     "SpotModel",
     "__version__",
     "data",
+    "evaluate",
     "list_models",
     "load",
     "metrics",
@@ -43,6 +44,7 @@ _LAZY = {
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
     "predict": ("hest2sge.predict", "predict"),
+    "evaluate": ("hest2sge.benchmark.evaluate", "evaluate"),
 }
 _SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting"}
 

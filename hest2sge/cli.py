@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-EXTRA_COMMANDS = ("models", "demo")
+EXTRA_COMMANDS = ("models", "demo", "benchmark")
 
 
 def _models_table(argv: Sequence[str]) -> int:
@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models_table(argv[1:])
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "benchmark":
+        from hest2sge.benchmark.cli import main as benchmark_main
+
+        return benchmark_main(argv[1:])
     lightning_cli(argv)
     return 0
 
