@@ -70,6 +70,9 @@ def get_model_class(name: str) -> type:
 def load(name: str | None = None, checkpoint: str | os.PathLike | None = None, **overrides: Any):
     """Build a registered model, in its paper configuration unless overridden.
 
+    The paper configuration is the model's configuration record
+    (:func:`hest2sge.models.configs.get_record`), which the class signature's defaults repeat.
+
     Args:
         name: Registry name (``"stnet"``, ``"hist2st"``, ...). Optional when ``checkpoint`` is
             given (the checkpoint records the model name).
@@ -88,8 +91,10 @@ def load(name: str | None = None, checkpoint: str | os.PathLike | None = None, *
         return load_checkpoint(checkpoint, name=name, **overrides)
     if name is None:
         raise ValueError("hest2sge.load needs a model name or a checkpoint path")
+    from hest2sge.models.configs import get_record
+
     cls = get_model_class(name)
-    return cls(**overrides)
+    return cls(**{**dict(get_record(name).model), **overrides})
 
 
 def model_info(name: str, **overrides: Any) -> dict[str, Any]:
@@ -103,18 +108,25 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     Returns:
         A dict with ``name``, ``class``, ``paper``, ``input_mode``, ``patch_size``,
         ``target_transform``, ``parameters`` (trainable, as counted by the paper),
-        ``parameters_total``, ``paper_parameters`` (Table 1) and ``defaults``.
+        ``parameters_total``, ``paper_parameters`` (Table 1), ``defaults`` (the signature),
+        ``training`` (the record's optimiser, lr, epochs, batch, checkpoint rule, ...) and
+        ``sources`` (where each recorded setting comes from).
     """
     import inspect
 
     import torch
 
+    from hest2sge.models.configs import get_record
+
     cls = get_model_class(name)
+    record = get_record(name)
     kwargs = {"n_genes": 785, "pretrained": False}
     sig = inspect.signature(cls.__init__)
     kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
     kwargs.update(overrides)
-    with torch.device("meta"):
+    from hest2sge.models.base import quiet_pretrained_warning
+
+    with torch.device("meta"), quiet_pretrained_warning():
         model = cls(**kwargs)
     defaults = {
         k: p.default
@@ -132,4 +144,6 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
         "parameters_total": model.count_parameters(trainable_only=False),
         "paper_parameters": getattr(cls, "paper_parameters", None),
         "defaults": defaults,
+        "training": record.training_summary(),
+        "sources": dict(record.sources),
     }

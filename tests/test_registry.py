@@ -93,3 +93,88 @@ def test_checkpoint_with_arbitrary_object_is_refused(tmp_path):
         hest2sge.load(checkpoint=plain)
     with pytest.raises(FileNotFoundError):
         hest2sge.load(checkpoint=tmp_path / "missing.ckpt")
+
+
+# ---------------------------------------------------------------------- pretrained weights
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An unreachable hub endpoint and an empty Hugging Face cache, HF_HUB_OFFLINE unset."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    return tmp_path / "hf_cache"
+
+
+def test_offline_pretrained_fails_fast_naming_the_ways_out(no_network):
+    import time
+
+    from hest2sge.models.layers.backbones import WeightsUnavailableError, create_backbone
+
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as exc:
+        hest2sge.load("stnet", n_genes=3)
+    elapsed = time.monotonic() - t0
+    msg = str(exc.value)
+    assert "densenet121.tv_in1k" in msg and "pretrained=False" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and ".safetensors" in msg
+    assert elapsed < 10, f"offline failure took {elapsed:.1f} s"
+    with pytest.raises(WeightsUnavailableError, match="hf-hub:MahmoodLab/UNI"):
+        create_backbone("hf-hub:MahmoodLab/UNI", True, init_values=1e-5)
+
+
+def test_pretrained_from_a_warm_cache_without_network(no_network):
+    """With the weights in the Hugging Face cache, pretrained=True needs no network."""
+    import timm
+    from safetensors.torch import save_file
+
+    from hest2sge.models.layers.backbones import create_backbone
+
+    src = timm.create_model("test_resnet", pretrained=False)  # with its classifier
+    snap = no_network / "models--timm--test_resnet.r160_in1k" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()},
+              str(snap / "model.safetensors"))
+    (no_network / "models--timm--test_resnet.r160_in1k" / "refs").mkdir()
+    (no_network / "models--timm--test_resnet.r160_in1k" / "refs" / "main").write_text("0" * 40)
+    model = create_backbone("test_resnet.r160_in1k", True)
+    assert len(model.state_dict()) > 10
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+
+
+def test_local_weights_load_strictly(tmp_path):
+    """A UNI-style ViT (LayerScale) file into a plain ViT is an error listing the keys; with
+    the matching keyword arguments it loads exactly (classifier weights dropped)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from hest2sge.models.layers.backbones import create_backbone
+
+    src = timm.create_model("test_vit", pretrained=False, num_classes=7, init_values=1e-5)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    st = tmp_path / "vit_ls.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(st))
+    pth = tmp_path / "vit_ls.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, pth)
+
+    with pytest.raises(ValueError, match=r"unexpected key\(s\) \[.*ls1\.gamma"):
+        create_backbone("test_vit", st)
+    for path in (st, pth):
+        model = create_backbone("test_vit", path, init_values=1e-5)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, src.state_dict()[k]), k
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in
+               timm.create_model("test_vit", num_classes=0).state_dict().items()}, str(plain))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \[.*ls1\.gamma"):
+        create_backbone("test_vit", plain, init_values=1e-5)
+    # through a model: any timm backbone with its kwargs and a local file
+    m = hest2sge.load("stnet", n_genes=3, backbone="test_vit", pretrained=str(st),
+                      backbone_kwargs={"init_values": 1e-5}, patch_size=160)
+    assert torch.equal(m.backbone.blocks[0].ls1.gamma, src.blocks[0].ls1.gamma)
+    with pytest.raises(FileNotFoundError):
+        create_backbone("test_vit", tmp_path / "missing.pth")

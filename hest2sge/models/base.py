@@ -9,8 +9,10 @@ not MSE, ``loss(out, batch)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -24,6 +26,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Constructor arguments that must not be replayed when restoring a checkpoint (the weights
 # come from the checkpoint, so no download or local weight file is needed).
 _RELOAD_OVERRIDES = {"pretrained": False}
+
+
+class PretrainedWeightsWarning(UserWarning):
+    """A model whose paper settings assume pretrained weights is built without them."""
+
+
+_WARNED_NO_WEIGHTS: set[str] = set()
+_QUIET_NO_WEIGHTS = [0]
+
+
+@contextlib.contextmanager
+def quiet_pretrained_warning() -> Iterator[None]:
+    """Build models without the missing-weights warning (checkpoint restores, parameter
+    counting), where ``pretrained=False`` does not mean a random trunk is trained."""
+    _QUIET_NO_WEIGHTS[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET_NO_WEIGHTS[0] -= 1
+
+
+def _fmt_kwargs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
 
 
 class SpotModel(pl.LightningModule):
@@ -120,6 +145,38 @@ class SpotModel(pl.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.fitted_target_transform: dict[str, Any] | None = None
         self.save_hyperparameters()
+        self._warn_without_weights()
+
+    def _warn_without_weights(self) -> None:
+        """Warn once per model when the paper settings assume pretrained weights but
+        ``pretrained=False`` is used with them, naming the record's from-scratch settings."""
+        hp = self.hparams
+        name = self.model_name
+        if (_QUIET_NO_WEIGHTS[0] or not name or name in _WARNED_NO_WEIGHTS
+                or "pretrained" not in hp or hp["pretrained"] not in (False, None)):
+            return
+        from hest2sge.models.configs import get_record
+
+        rec = get_record(name)
+        if not rec.model.get("pretrained"):
+            return
+        scratch = dict(rec.from_scratch)
+        if scratch and all(hp.get(k) == v for k, v in scratch.items()):
+            return  # already the from-scratch settings
+        _WARNED_NO_WEIGHTS.add(name)
+        paper = {k: rec.model[k] for k in ("optimizer", "lr", *scratch) if k in rec.model}
+        weights = rec.model.get("backbone") or rec.model.get("extractor") or "its encoder"
+        if scratch:
+            advice = (f"From random initialisation use the record's from-scratch settings: "
+                      f"hest2sge.load({name!r}, pretrained=False, {_fmt_kwargs(scratch)})")
+        else:
+            advice = "The record has no from-scratch override for it"
+        note = rec.sources.get("from_scratch", "")
+        warnings.warn(
+            f"{type(self).__name__} is built with pretrained=False, but its paper settings "
+            f"({_fmt_kwargs(paper)}) assume pretrained weights ({weights}). {advice}"
+            f"{' (' + note + ')' if note else ''}.",
+            PretrainedWeightsWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ flags and helpers
     def target_transform_spec(self) -> dict[str, Any]:
@@ -327,7 +384,8 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
     for k, v in _RELOAD_OVERRIDES.items():
         if k in accepted:
             hparams[k] = v
-    model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+    with quiet_pretrained_warning():
+        model = cls(**{k: v for k, v in hparams.items() if k in accepted})
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.fitted_target_transform = meta.get("target_transform")
     model.eval()

@@ -93,7 +93,11 @@ class DeepPT(SpotModel):
         genes: Gene panel.
         n_genes: Number of genes when names are unknown.
         backbone: timm model name of the feature extractor.
-        pretrained: ``True`` (ImageNet from the hub), ``False`` or a local weights file.
+        pretrained: ``True`` (ImageNet from the hub, or the local Hugging Face cache),
+            ``False`` or a local weights file (loaded strictly; see
+            :func:`~hest2sge.models.layers.backbones.create_backbone`).
+        backbone_kwargs: Further ``timm.create_model`` arguments of the backbone, e.g.
+            ``{"init_values": 1e-5, "dynamic_img_size": True}`` for a UNI-style ViT.
         freeze_backbone: Use the trunk as a fixed feature extractor (paper) or fine-tune it.
         patch_size: Patch side in pixels.
         bottleneck: Autoencoder bottleneck width.
@@ -103,7 +107,7 @@ class DeepPT(SpotModel):
         ensemble: Number of averaged members.
         cache_features: Train from cached trunk features when the trunk is frozen.
         cache_views: Dihedral views cached for training slides (1, 2, 4 or 8).
-        lr: Adam learning rate.
+        optimizer, lr, weight_decay, scheduler: Optimiser (not published: Adam, lr 1e-4).
         **kwargs: Further :class:`SpotModel` arguments.
     """
 
@@ -118,8 +122,9 @@ class DeepPT(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        backbone: str = "resnet50",
+        backbone: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
+        backbone_kwargs: dict[str, Any] | None = None,
         freeze_backbone: bool = True,
         patch_size: int = 224,
         bottleneck: int = 512,
@@ -129,15 +134,20 @@ class DeepPT(SpotModel):
         ensemble: int = 1,
         cache_features: bool = True,
         cache_views: int = 8,
+        optimizer: str = "adam",
         lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if int(ensemble) < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         if int(cache_views) not in (1, 2, 4, 8):
             raise ValueError(f"cache_views must be 1, 2, 4 or 8, got {cache_views}")
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, **(backbone_kwargs or {}))
         self.frozen = bool(freeze_backbone)
         if self.frozen:
             self.backbone.requires_grad_(False)

@@ -70,11 +70,17 @@ class DeepSpaCE(SpotModel):
     Args:
         genes: Gene panel.
         n_genes: Number of genes when names are unknown.
-        backbone: timm model name (default ``"vgg16"``, torchvision weights ``vgg16.tv_in1k``).
-        pretrained: ``True`` (ImageNet from the hub), ``False`` or a local weights file.
+        backbone: timm model name (default ``"vgg16.tv_in1k"``: the torchvision ImageNet weights).
+        pretrained: ``True`` (ImageNet from the hub, or the local Hugging Face cache),
+            ``False`` or a local weights file (loaded strictly; see
+            :func:`~hest2sge.models.layers.backbones.create_backbone`).
+        backbone_kwargs: Further ``timm.create_model`` arguments of the backbone, e.g.
+            ``{"init_values": 1e-5, "dynamic_img_size": True}`` for a UNI-style ViT.
         patch_size: Patch side in pixels.
+        optimizer: ``"adam"`` (paper).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        scheduler: Learning-rate schedule (paper: none).
         classifier_dropout: Dropout of the VGG classifier (torchvision: 0.5).
         augment: Comma-separated augmentation families (``"flip,crop,color,random"``;
             ``"none"`` disables).
@@ -93,20 +99,24 @@ class DeepSpaCE(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        backbone: str = "vgg16",
+        backbone: str = "vgg16.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
+        backbone_kwargs: dict[str, Any] | None = None,
         patch_size: int = 224,
+        optimizer: str = "adam",
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
+        scheduler: str | None = None,
         classifier_dropout: float = 0.5,
         augment: str = "flip,crop,color,random",
         predict_batch_size: int = 64,
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr,
-                         weight_decay=weight_decay, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         self.families = parse_families(augment)
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, **(backbone_kwargs or {}))
         pre = getattr(self.backbone, "pre_logits", None)
         for mod in (getattr(pre, "drop", None), getattr(getattr(self.backbone, "head", None),
                                                          "drop", None)):

@@ -134,8 +134,10 @@ class EGNv1(SpotModel):
         n_exemplars: Exemplars per spot.
         dropout: Dropout in attention and MLPs.
         pcc_weight: Weight of the batch-PCC loss term.
+        optimizer: ``"adamw"`` (paper).
         lr: Learning rate.
         weight_decay: AdamW weight decay.
+        scheduler: ``"cosine"`` annealing over ``max_epochs`` (paper).
         retrieval_p: Minkowski order of the retrieval distance (2: Euclidean, as the
             original).
         retrieval_chunk: Reference rows per distance block of the exemplar search.
@@ -174,16 +176,17 @@ class EGNv1(SpotModel):
         n_exemplars: int = 9,
         dropout: float = 0.0,
         pcc_weight: float = 0.5,
+        optimizer: str = "adamw",
         lr: float = 5e-5,
         weight_decay: float = 1e-4,
+        scheduler: str | None = "cosine",
         retrieval_p: float = 2.0,
         retrieval_chunk: int = 16384,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("optimizer", "adamw")
-        kwargs.setdefault("scheduler", "cosine")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr,
-                         weight_decay=weight_decay, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if patch_size % vit_patch:
             raise ValueError(f"patch_size {patch_size} must be a multiple of vit_patch {vit_patch}")
         if bridge_every < 1:

@@ -81,8 +81,10 @@ class EGNv2(SpotModel):
         exemplar_k: Neighbours of the exemplar kNN graph.
         score_dim: Score width of the bridging block (``3 * hidden`` must be a multiple).
         pcc_weight: Weight of the PCC loss term.
+        optimizer: ``"adamw"`` (paper).
         lr: Learning rate.
         weight_decay: AdamW weight decay.
+        scheduler: ``"cosine"`` annealing over ``max_epochs`` (paper).
         retrieval_p: Minkowski order of the retrieval distance (1: L1, as the
             original; 2 is about 10x faster on CPU).
         retrieval_chunk: Reference rows per distance block of the exemplar search.
@@ -114,16 +116,17 @@ class EGNv2(SpotModel):
         exemplar_k: int = 3,
         score_dim: int = 128,
         pcc_weight: float = 0.5,
+        optimizer: str = "adamw",
         lr: float = 5e-4,
         weight_decay: float = 1e-4,
+        scheduler: str | None = "cosine",
         retrieval_p: float = 1.0,
         retrieval_chunk: int = 16384,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("optimizer", "adamw")
-        kwargs.setdefault("scheduler", "cosine")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr,
-                         weight_decay=weight_decay, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         from torch_geometric.nn import HeteroConv, SAGEConv
 
         from hest2sge.models.layers.exemplar_graph import GraphExemplarBridge

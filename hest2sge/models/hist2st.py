@@ -193,7 +193,9 @@ class Hist2ST(SpotModel):
         encoder_chunk: Spots per encoder chunk, and patches per encoder call.
         checkpointing: ``"auto"``, ``"none"``, ``"encoder"``, ``"views"`` or ``"full"``.
         graph_k, graph_max_dist: Neighbour graph (4, 2.0 = "Grid"; None = no pruning).
-        lr: Adam learning rate. **kwargs: Further :class:`SpotModel` arguments.
+        optimizer, lr, weight_decay: Optimiser (paper: Adam, lr 1e-5, no weight decay).
+        scheduler, scheduler_step, scheduler_gamma: Paper: StepLR every 50 epochs, gamma 0.9.
+        **kwargs: Further :class:`SpotModel` arguments.
     """
 
     paper = "Zeng et al., Brief Bioinform 2022 (Hist2ST)"
@@ -233,11 +235,18 @@ class Hist2ST(SpotModel):
         checkpointing: str = "auto",
         graph_k: int = 4,
         graph_max_dist: float | None = 2.0,
+        optimizer: str = "adam",
         lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        scheduler: str | None = "step",
+        scheduler_step: int = 50,
+        scheduler_gamma: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("scheduler", "step")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, scheduler_step=scheduler_step,
+                         scheduler_gamma=scheduler_gamma, **kwargs)
         if channel < 8 or channel % 8:
             raise ValueError(f"channel must be a positive multiple of 8, got {channel}")
         if patch_size < patch_kernel:

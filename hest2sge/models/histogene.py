@@ -76,7 +76,8 @@ class HisToGene(SuperResolutionMixin, SpotModel):
         mlp_dim: Feed-forward hidden width (default ``2 * dim``).
         dropout: Dropout (embeddings, attention output, feed-forward).
         n_pos: Rows of each position table (array coordinates must be < n_pos).
-        lr: Adam learning rate.
+        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-5, no weight
+            decay, no schedule).
         checkpoint_spots: Chunk size (spots) of the checkpointed patch embedding on larger
             slides; 0 disables chunking.
         checkpointing: Activation checkpointing of the transformer blocks.
@@ -105,12 +106,17 @@ class HisToGene(SuperResolutionMixin, SpotModel):
         mlp_dim: int | None = None,
         dropout: float = 0.1,
         n_pos: int = DEFAULT_N_POS,
+        optimizer: str = "adam",
         lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
         checkpoint_spots: int = 1024,
         checkpointing: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if checkpoint_spots < 0:
             raise ValueError(f"checkpoint_spots must be >= 0, got {checkpoint_spots}")
         patch_dim = 3 * self.patch_size * self.patch_size

@@ -93,9 +93,10 @@ class IStar(SpotModel):
     Args:
         genes: Gene panel.
         n_genes: Number of genes when names are unknown.
-        pretrained: ``False`` (random frozen encoder), a folder holding
-            ``vit256_small_dino.pth`` and ``vit4k_xs_dino.pth``, a pair of paths, a dict with
-            ``vit256``/``vit4k`` paths, or ``True`` (download both into the torch hub cache).
+        pretrained: ``True`` (paper: download both HIPT checkpoints into the torch hub
+            cache), a folder holding ``vit256_small_dino.pth`` and ``vit4k_xs_dino.pth``, a
+            pair of paths, a dict with ``vit256``/``vit4k`` paths, or ``False`` (random frozen
+            encoder, for tests only).
         pixel_size_um: µm per pixel of the rescaled image.
         token_px: Superpixel (ViT-256 token) side in pixels.
         region_px: ViT-256 input / ViT-4K token side in pixels.
@@ -108,7 +109,8 @@ class IStar(SpotModel):
         n_states: Ensemble size (median of the members' superpixel predictions).
         extract_batch: 256 px regions per encoder forward pass.
         patch_size: Side of the spot patches the data module still cuts (unused by iStar).
-        lr: Adam learning rate.
+        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-4).
+        normalize: HIPT pixel normalisation (``"half"``: mean 0.5, std 0.5, as the original).
         **kwargs: Further :class:`SpotModel` arguments.
     """
 
@@ -126,7 +128,7 @@ class IStar(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        pretrained: bool | str | os.PathLike | Sequence[str] | dict[str, str] = False,
+        pretrained: bool | str | os.PathLike | Sequence[str] | dict[str, str] = True,
         pixel_size_um: float = 0.5,
         token_px: int = 16,
         region_px: int = 256,
@@ -142,11 +144,16 @@ class IStar(SpotModel):
         n_states: int = 4,
         extract_batch: int = 16,
         patch_size: int = 32,
+        optimizer: str = "adam",
         lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        normalize: str = "half",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("normalize", "half")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, normalize=normalize, **kwargs)
         if not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
             raise ValueError(f"pixel_size_um must be positive, got {pixel_size_um!r}")
         if n_states < 1 or hidden < 1 or extract_batch < 1:

@@ -40,12 +40,19 @@ class STNet(SpotModel):
     Args:
         genes: Gene panel.
         n_genes: Number of genes when names are unknown.
-        backbone: Any timm model name (default ``"densenet121"``).
-        pretrained: ``True`` (ImageNet from the hub), ``False`` or a local weights file.
+        backbone: Any timm model name (default ``"densenet121.tv_in1k"``: the torchvision
+            ImageNet weights the original used).
+        pretrained: ``True`` (ImageNet from the hub, or the local Hugging Face cache),
+            ``False`` or a local weights file (loaded strictly; see
+            :func:`~hest2sge.models.layers.backbones.create_backbone`).
+        backbone_kwargs: Further ``timm.create_model`` arguments of the backbone, e.g.
+            ``{"init_values": 1e-5, "dynamic_img_size": True}`` for a UNI-style ViT.
         patch_size: Patch side in pixels.
-        lr: SGD learning rate.
+        optimizer: ``"sgd"`` (paper), ``"adam"`` or ``"adamw"``.
+        lr: Learning rate (paper: 1e-6 with SGD and ImageNet weights).
         momentum: SGD momentum.
         weight_decay: Weight decay.
+        scheduler: Learning-rate schedule (paper: none).
         loss_reduction: ``"sum"`` (original: summed over the batch / n_genes) or ``"mean"``.
         tta: Average predictions over the 8 dihedral symmetries at inference.
         **kwargs: Further :class:`SpotModel` arguments.
@@ -61,22 +68,25 @@ class STNet(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        backbone: str = "densenet121",
+        backbone: str = "densenet121.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
+        backbone_kwargs: dict[str, Any] | None = None,
         patch_size: int = 224,
+        optimizer: str = "sgd",
         lr: float = 1e-6,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
+        scheduler: str | None = None,
         loss_reduction: str = "sum",
         tta: bool = False,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("optimizer", "sgd")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr,
-                         momentum=momentum, weight_decay=weight_decay, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, scheduler=scheduler, **kwargs)
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, **(backbone_kwargs or {}))
         self.head = nn.Linear(self.backbone.num_features, self.n_genes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

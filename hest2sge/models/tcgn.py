@@ -117,8 +117,10 @@ class TCGN(SpotModel):
         top_k: Mean edges per node of the attention graph (4).
         dropout: Dropout before the gene head (0.1).
         rotation: Training-time random rotation range in degrees (180; 0 disables).
+        optimizer: ``"adam"`` (paper).
         lr: Adam learning rate.
         weight_decay: Weight decay.
+        scheduler: Learning-rate schedule (paper: none).
         **kwargs: Further :class:`SpotModel` arguments.
     """
 
@@ -149,13 +151,15 @@ class TCGN(SpotModel):
         top_k: int = 4,
         dropout: float = 0.1,
         rotation: float = 180.0,
+        optimizer: str = "adam",
         lr: float = 1e-5,
         weight_decay: float = 0.0,
+        scheduler: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("optimizer", "adam")
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr,
-                         weight_decay=weight_decay, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if variant not in CMT_VARIANTS:
             raise ValueError(f"variant must be one of {sorted(CMT_VARIANTS)}, got {variant!r}")
         cfg = dict(CMT_VARIANTS[variant])

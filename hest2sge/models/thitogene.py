@@ -95,7 +95,8 @@ class THItoGene(SuperResolutionMixin, SpotModel):
         dim_head: Transformer width per head.
         dropout: Dropout (embeddings, transformer, GAT).
         n_pos: Rows of each position table.
-        lr: Adam learning rate.
+        optimizer, lr, weight_decay, scheduler: Optimiser (paper: Adam, lr 1e-5, no weight
+            decay, no schedule).
         checkpoint_spots: Encode patches in checkpointed chunks of this many spots on larger
             slides (0: off, whole-slide BatchNorm statistics as in the original).
         checkpointing: Activation checkpointing of the transformer blocks.
@@ -128,12 +129,17 @@ class THItoGene(SuperResolutionMixin, SpotModel):
         dim_head: int = 64,
         dropout: float = 0.2,
         n_pos: int = DEFAULT_N_POS,
+        optimizer: str = "adam",
         lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
         checkpoint_spots: int = 0,
         checkpointing: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, lr=lr, **kwargs)
+        super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                         scheduler=scheduler, **kwargs)
         if checkpoint_spots < 0:
             raise ValueError(f"checkpoint_spots must be >= 0, got {checkpoint_spots}")
         heads = list(heads)
