@@ -31,36 +31,22 @@ def panel_hash(genes) -> str:
 
 def get_record(name: str) -> Any:
     """The model's configuration record (:func:`hest2sge.models.configs.get_record`)."""
-    try:
-        from hest2sge.models.configs import get_record as _get
-    except ImportError:  # TEMPORARY until branch issue8-config is merged
-        return _FallbackRecord(name)
+    from hest2sge.models.configs import get_record as _get
+
     return _get(name)
 
 
-class _FallbackRecord:  # TEMPORARY: the default record of record_api.md
-    def __init__(self, name: str) -> None:
-        from hest2sge.registry import get_model_class
-
-        cls = get_model_class(name)
-        self.name, self.model, self.monitor = name, {}, "val/pcc"
-        self.max_epochs = getattr(cls, "_tmp_epochs", 50)
-        self.slide = cls.input_mode == "slide"
-        self.augment = cls.loader_augment
-
-    def trainer_kwargs(self):
-        return {"max_epochs": self.max_epochs}
-
-    def datamodule_kwargs(self):
-        return {"augment": self.augment} if self.slide else {"augment": self.augment,
-                                                              "batch_size": 32}
-
-    def callbacks(self):
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        from hest2sge.metrics.callback import SpotMetrics
-
-        return [SpotMetrics(), ModelCheckpoint(monitor="val/pcc", mode="max", save_last=True)]
+def build_kwargs(rec: Any, cls: type, tiny: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Model keyword arguments of a cell: the record's paper configuration, the tiny
+    configuration when asked (tests), the config's overrides, and the record's from-scratch
+    settings when the paper's pretrained weights are switched off (explicit overrides win)."""
+    kw = dict(rec.model)
+    if tiny:
+        kw.update(cls.tiny_config)
+    kw.update(overrides)
+    if kw.get("pretrained") in (False, None) and rec.model.get("pretrained"):
+        kw.update({k: v for k, v in dict(rec.from_scratch).items() if k not in overrides})
+    return kw
 
 
 def load_dataset(cfg: dict[str, Any], name: str) -> tuple[list, list, str]:
@@ -205,10 +191,7 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
     split = folds[spec.fold]
     rec = get_record(spec.model)
     cls = get_model_class(spec.model)
-    model_kwargs = dict(rec.model)
-    if cfg["tiny"]:
-        model_kwargs.update(cls.tiny_config)
-    model_kwargs.update(dict(spec.overrides))
+    model_kwargs = build_kwargs(rec, cls, bool(cfg["tiny"]), dict(spec.overrides))
     dm_kwargs = dict(rec.datamodule_kwargs())
     if cfg.get("batch_size") and cls.input_mode != "slide":
         dm_kwargs["batch_size"] = int(cfg["batch_size"])
@@ -222,7 +205,7 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
     model = hest2sge.load(spec.model, genes=dm.genes, **model_kwargs)
     dm.configure_for(model)
     tkw = dict(rec.trainer_kwargs())
-    if cfg.get("epochs"):
+    if cfg.get("epochs") and rec.max_epochs > 1:  # closed-form fits keep their one pass
         tkw["max_epochs"] = int(cfg["epochs"])
     tkw.update(cfg.get("trainer") or {})
     tmp = _tmp_dir(out, spec.cell_id)
@@ -273,12 +256,22 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
 
 
 def run_cell_job(cfg: dict[str, Any], spec: CellSpec, threads: int | None = None) -> dict:
-    """Entry point of a process-pool worker or a submitit/SLURM job (one cell)."""
-    if threads:
-        import torch
+    """Entry point of a process-pool worker or a submitit/SLURM job (one cell).
 
+    Args:
+        cfg: The loaded config (a plain dict: it travels to workers by pickle).
+        spec: The cell.
+        threads: torch threads for this cell (restored afterwards).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(int(threads))
-    if spec.model == "refs":
-        status = run_reference_cell(cfg, spec.dataset, spec.fold, spec.test_dataset)
-        return {"cell_id": spec.cell_id, "status": status, "seconds": 0.0}
-    return run_cell(cfg, spec)
+    try:
+        if spec.model == "refs":
+            status = run_reference_cell(cfg, spec.dataset, spec.fold, spec.test_dataset)
+            return {"cell_id": spec.cell_id, "status": status, "seconds": 0.0}
+        return run_cell(cfg, spec)
+    finally:
+        torch.set_num_threads(before)

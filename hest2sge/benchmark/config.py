@@ -13,6 +13,7 @@ Keys (``benchmarks/configs/*.yaml`` are complete examples)::
     subsets: true                  # HVG / SVG / HSG analysis
     accelerator: auto
     cache_dir: null                # patch cache
+    threads: null                  # torch threads per cell (null: torch's default)
     datasets:
       her2st: {slides: {reader: her2st, root: ...}, split: her2st_paper,
                genes: {file: panels/her2st_785.txt}}
@@ -34,7 +35,8 @@ from typing import Any
 BASELINES = ("ridge", "mlp")
 _KEYS = {"name", "output", "seed", "models", "baselines", "tiny", "epochs", "aggregation",
          "subsets", "accelerator", "devices", "cache_dir", "datasets", "cross_study",
-         "launcher", "efficiency", "batch_size", "num_workers", "description", "trainer"}
+         "launcher", "efficiency", "batch_size", "num_workers", "description", "trainer",
+         "threads"}
 _PATH_KEYS = {"root", "path", "file", "profile", "cache_dir", "output", "folder"}
 
 
@@ -118,6 +120,7 @@ def load_config(config: Any) -> dict[str, Any]:
     cfg.setdefault("launcher", {"kind": "local"})
     cfg.setdefault("efficiency", {})
     cfg.setdefault("trainer", {})
+    cfg.setdefault("threads", None)
     if cfg["aggregation"] not in ("paper", "pooled"):
         raise ValueError(f"aggregation must be 'paper' or 'pooled', got {cfg['aggregation']!r}")
     if not cfg.get("datasets"):

@@ -64,7 +64,7 @@ def profile_model(name: str, slide, *, epochs: int = 2, genes: Any = "mean",
     import torch
 
     import hest2sge
-    from hest2sge.benchmark.cells import get_record
+    from hest2sge.benchmark.cells import build_kwargs, get_record
     from hest2sge.data.datamodule import SpotDataModule
     from hest2sge.data.slide import slide_id_of
     from hest2sge.data.splits import Split
@@ -72,10 +72,7 @@ def profile_model(name: str, slide, *, epochs: int = 2, genes: Any = "mean",
 
     rec = get_record(name)
     cls = get_model_class(name)
-    kw = dict(rec.model)
-    if tiny:
-        kw.update(cls.tiny_config)
-    kw.update(overrides or {})
+    kw = build_kwargs(rec, cls, tiny, dict(overrides or {}))
     n_genes = min(int(n_genes), slide.n_vars)
     dm = SpotDataModule([slide], Split(train=[slide_id_of(slide)]), genes=genes,
                         n_genes=n_genes, **rec.datamodule_kwargs())

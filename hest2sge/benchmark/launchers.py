@@ -42,12 +42,13 @@ def launch(cfg: dict[str, Any], specs: Sequence[CellSpec]) -> list[dict[str, Any
         results = []
         for s in specs:
             try:
-                results.append(run_cell_job(cfg, s))
+                results.append(run_cell_job(cfg, s, cfg.get("threads")))
             except Exception as err:  # one failed cell does not stop the benchmark
                 results.append(_failed(s, err))
         return results
     if kind == "pool":
-        return _pool(cfg, specs, int(lc.get("workers", 2)), lc.get("threads_per_worker", 1))
+        return _pool(cfg, specs, int(lc.get("workers", 2)),
+                     lc.get("threads_per_worker", cfg.get("threads") or 1))
     return _submitit(cfg, specs, lc)
 
 
@@ -81,7 +82,7 @@ def _submitit(cfg, specs, lc: dict[str, Any]) -> list[dict[str, Any]]:
     params.setdefault("timeout_min", 24 * 60)
     ex.update_parameters(**params)
     wave = int(lc.get("max_parallel", 0)) or len(specs) or 1
-    threads = lc.get("threads_per_worker")
+    threads = lc.get("threads_per_worker", cfg.get("threads"))
     results = []
     for i in range(0, len(specs), wave):
         chunk = list(specs[i:i + wave])

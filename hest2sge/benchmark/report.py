@@ -130,7 +130,6 @@ def _safe(s: str) -> str:
 
 def collect(cfg: dict[str, Any], info: dict[str, Any], specs) -> Any:
     """Read every finished cell, write the tables, figures and ``report.md``."""
-    import pandas as pd
 
     from hest2sge.benchmark.runner import BenchmarkResult
     from hest2sge.benchmark.subsets import dataset_subsets, subset_table

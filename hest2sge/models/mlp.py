@@ -26,7 +26,7 @@ class MLPBaseline(SpotModel):
 
     Args:
         genes: Gene panel. n_genes: Number of genes when names are unknown.
-        encoder: timm model name (default ``"resnet50"``, ImageNet).
+        encoder: timm model name (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         hidden: Hidden units.
@@ -48,7 +48,7 @@ class MLPBaseline(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        encoder: str = "resnet50",
+        encoder: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
         patch_size: int = 224,
         hidden: int = 256,

@@ -34,7 +34,7 @@ class RidgeBaseline(SpotModel):
 
     Args:
         genes: Gene panel. n_genes: Number of genes when names are unknown.
-        encoder: timm model name (default ``"resnet50"``, ImageNet).
+        encoder: timm model name (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         n_components: PCA components (at most spots - 1 and the feature width are used).
@@ -56,7 +56,7 @@ class RidgeBaseline(SpotModel):
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        encoder: str = "resnet50",
+        encoder: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
         patch_size: int = 224,
         n_components: int = 256,
