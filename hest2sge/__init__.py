@@ -44,7 +44,7 @@ _LAZY = {
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
     "predict": ("hest2sge.predict", "predict"),
-    "evaluate": ("hest2sge.benchmark.evaluate", "evaluate"),
+    "evaluate": ("hest2sge.benchmark.scoring", "evaluate"),
 }
 _SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting"}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hest2sge.benchmark.evaluate import long_frame, metrics_from_long
+from hest2sge.benchmark.scoring import long_frame, metrics_from_long
 from hest2sge.benchmark.splits import (
     PAPER_SPLIT_SHA256,
     her2st_paper_folds,
@@ -245,3 +245,83 @@ def test_rankings_and_aggregation_on_her2st_sized_tables(her2st_counts_long):
     row = summ.set_index("model_id").loc["fair"]
     assert row["pcc"] == pytest.approx(exp, abs=1e-12)
     assert row["n_undefined_genes"] == int(np.isnan(gene_vals).sum())
+
+
+def test_efficiency_profile_of_a_tiny_model():
+    from hest2sge.benchmark.efficiency import profile
+    from hest2sge.data import synthetic_slides
+
+    slide = synthetic_slides(n_patients=1, slides_per_patient=1, grid=(4, 4), n_genes=10,
+                             spot_pitch_px=32)[0]
+    res = profile(["mlp", "histogene"], slide, epochs=2, n_genes=10, tiny=True,
+                  overrides={"pretrained": False})  # histogene has no `pretrained`: ignored
+    for name in ("mlp", "histogene"):
+        r = res["models"][name]
+        assert "error" not in r, r
+        assert r["sec_per_epoch"] > 0 and r["first_epoch_s"] > 0 and r["spots"] == 16
+        assert r["peak_rss_mb"] > 10 and r["peak_tracemalloc_mb"] >= 0
+    assert res["hardware"]["cpu_count"] >= 1
+
+
+def test_evaluate_scores_external_slides_like_the_benchmark():
+    import lightning.pytorch as pl
+
+    import hest2sge
+    from hest2sge.data import SpotDataModule, synthetic_slides
+
+    train = synthetic_slides(n_patients=3, slides_per_patient=1, grid=(5, 5), n_genes=8,
+                             spot_pitch_px=32, seed=4)
+    external = synthetic_slides(n_patients=2, slides_per_patient=1, grid=(5, 5), n_genes=8,
+                                spot_pitch_px=32, seed=9)
+    model = hest2sge.load("ridge", genes=list(train[0].var_names),
+                          **hest2sge.registry.get_model_class("ridge").tiny_config)
+    dm = SpotDataModule.for_model(model, train, split={"train": ["P0_S0", "P1_S0"],
+                                                       "val": ["P2_S0"]}, batch_size=16)
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0).fit(model, dm)
+    ev = hest2sge.evaluate(model, external, reference_slides=train)
+    assert set(ev.long["img_id"]) == {"P0_S0", "P1_S0"}
+    assert {"ridge", "ref_depth", "ref_train_mean"} == set(ev.summary["model_id"])
+    # the own-scale PCC equals numpy on hest2sge.predict + the model's transform of the truth
+    vals = []
+    for s in external:
+        pred = hest2sge.predict(model, s).layers["pred"]
+        c = np.asarray(s.X.toarray() if hasattr(s.X, "toarray") else s.X, dtype=np.float64)
+        truth = np.log1p(1e4 * c / c.sum(1, keepdims=True))
+        vals.append(_pcc(np.asarray(pred, dtype=np.float64), truth))
+    with np.errstate(invalid="ignore"):
+        expected = np.nanmean(np.nanmean(vals, 0))
+    row = ev.summary[(ev.summary["model_id"] == "ridge") & (ev.summary["pred_type"] == "own")]
+    assert row["pcc"].iloc[0] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="lacks .* gene"):
+        hest2sge.evaluate(model, [external[0][:, :5].copy()])
+
+
+def test_gene_subsets_find_planted_genes():
+    from hest2sge.benchmark.subsets import hsg_genes, hvg_genes, morans_i, subset_table
+
+    rng = np.random.default_rng(5)
+    n, g = 400, 40
+    genes = [f"g{i}" for i in range(g)]
+    counts = rng.poisson(5.0, (n, g)).astype(float)
+    counts[:, :4] = rng.poisson(rng.gamma(0.3, 20.0, (n, 4)))  # over-dispersed: HVGs
+    assert set(hvg_genes(counts, genes)) == {"g0", "g1", "g2", "g3"}
+    # Moran's I: a smooth spatial gradient vs noise on a 20 x 20 grid
+    yy, xx = np.mgrid[0:20, 0:20]
+    xy = np.stack([xx.ravel(), yy.ravel()], 1).astype(float)
+    vals = np.stack([xx.ravel() + rng.normal(0, 1, n), rng.normal(0, 1, n)], 1)
+    moran, p = morans_i(vals, xy)
+    assert moran[0] > 0.7 and p[0] < 1e-6
+    assert abs(moran[1]) < 0.15 and p[1] > 1e-3
+    sparse = counts.copy()
+    sparse[: int(0.7 * n), 5] = 0  # 70 % zeros in both halves
+    sparse[: n // 2, 6] = 0        # sparse only in the training half
+    tr, te = sparse[::2], sparse[1::2]
+    assert hsg_genes(tr, te, genes) == ["g5"]
+    # subset > all genes: one-sided Wilcoxon
+    per_gene = pd.DataFrame({"dataset": "d", "model_id": "m", "pred_type": "own",
+                             "gene": genes, "pcc": np.r_[np.full(4, 0.8), np.zeros(g - 4)]})
+    t = subset_table(per_gene, {"hvg": genes[:4], "rest": genes[4:]}).set_index("subset")
+    assert t.loc["hvg", "pcc"] == pytest.approx(0.8) and t.loc["hvg", "wilcoxon_p_greater"] < 0.01
+    assert t.loc["rest", "wilcoxon_p_greater"] > 0.5

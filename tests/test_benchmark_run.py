@@ -146,3 +146,29 @@ def test_pool_and_submitit_local_executor_run_the_same_cells(smoke_cfg, smoke_ru
         got = pd.read_parquet(tmp_path / kind / "cells" / spec.cell_id / "metrics.parquet")
         exp = pd.read_parquet(ref / spec.cell_id / "metrics.parquet")
         pd.testing.assert_frame_equal(got, exp, check_exact=False, rtol=1e-6)
+
+
+def test_cross_study_cell_tests_on_the_other_dataset(smoke_cfg, tmp_path):
+    from hest2sge.benchmark.cells import run_cell
+    from hest2sge.benchmark.runner import plan
+
+    cfg = dict(smoke_cfg, output=str(tmp_path / "cross"), models=["ridge"], baselines=False)
+    cfg["datasets"] = dict(cfg["datasets"])
+    cfg["datasets"]["other"] = {
+        "slides": {"reader": "synthetic", "n_patients": 2, "slides_per_patient": 1,
+                   "grid": [6, 6], "n_genes": 12, "spot_pitch_px": 32, "seed": 7},
+        "split": {"kind": "explicit", "folds": [{"train": ["P0_S0"], "test": ["P1_S0"]}]}}
+    cfg["cross_study"] = [{"train": "synthetic", "fold": 0, "test": "other"}]
+    cfg = load_config(cfg)
+    specs, refs, _ = plan(cfg)
+    cross = [s for s in specs if s.test_dataset == "other"]
+    assert [s.cell_id for s in cross] == ["synthetic__ridge__fold0__to__other"]
+    assert any(r.test_dataset == "other" for r in refs)
+    assert run_cell(cfg, cross[0])["status"] == "done"
+    long = pd.read_parquet(Path(cfg["output"]) / "cells" / cross[0].cell_id
+                           / "predictions.parquet")
+    assert set(long["img_id"]) == {"P0_S0", "P1_S0"}  # every slide of the other dataset
+    assert set(long["dataset"]) == {"synthetic->other"}
+    meta = json.loads((Path(cfg["output"]) / "cells" / cross[0].cell_id / "cell.json")
+                      .read_text())
+    assert meta["split"]["train"] and meta["test_dataset"] == "other"

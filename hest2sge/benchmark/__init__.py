@@ -7,7 +7,7 @@ depth-normalised scale, aggregates per image -> patient -> gene (the same code a
 ``SpotMetrics``), ranks the models and writes a Markdown report with tables and figures.
 
 Modules: :mod:`.config` (YAML -> cells), :mod:`.splits` (paper HER2+ split, k-fold, regions),
-:mod:`.evaluate` (long tables, common scale, reference rows), :mod:`.cells` (one fit + test),
+:mod:`.scoring` (long tables, common scale, reference rows), :mod:`.cells` (one fit + test),
 :mod:`.launchers` (in-process, process pool, submitit), :mod:`.tables` (aggregation,
 rankings), :mod:`.subsets` (HVG/SVG/HSG), :mod:`.efficiency`, :mod:`.report`.
 """
@@ -23,7 +23,7 @@ _LAZY = {
     "run": ("hest2sge.benchmark.runner", "run"),
     "dry_run": ("hest2sge.benchmark.runner", "dry_run"),
     "load_config": ("hest2sge.benchmark.config", "load_config"),
-    "evaluate": ("hest2sge.benchmark.evaluate", "evaluate"),
+    "evaluate": ("hest2sge.benchmark.scoring", "evaluate"),
 }
 
 

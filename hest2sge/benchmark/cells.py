@@ -137,7 +137,7 @@ def _test_slides(cfg, spec: CellSpec, slides, split) -> list:
 def run_reference_cell(cfg: dict[str, Any], dataset: str, fold: int,
                        test_dataset: str | None = None) -> str:
     """The image-free reference rows (spot depth, training mean) of one fold."""
-    from hest2sge.benchmark.evaluate import metrics_from_long, reference_long
+    from hest2sge.benchmark.scoring import metrics_from_long, reference_long
     from hest2sge.data.slide import slide_id_of
 
     spec = CellSpec("refs", dataset, fold, test_dataset)
@@ -178,7 +178,7 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
     import torch
 
     import hest2sge
-    from hest2sge.benchmark.evaluate import metrics_from_long, predict_long
+    from hest2sge.benchmark.scoring import metrics_from_long, predict_long
     from hest2sge.benchmark.splits import split_hash
     from hest2sge.data.datamodule import SpotDataModule
     from hest2sge.registry import get_model_class
@@ -217,6 +217,9 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
                              devices=cfg.get("devices", 1), num_sanity_val_steps=0,
                              callbacks=callbacks, **tkw)
         trainer.fit(model, dm)
+        if trainer.global_rank != 0:  # a multi-GPU (DDP) cell: rank 0 tests and writes
+            shutil.rmtree(tmp, ignore_errors=True)
+            return {"cell_id": spec.cell_id, "status": "rank", "seconds": 0.0}
         ckpt_cb = trainer.checkpoint_callback
         best_path = ""
         if ckpt_cb is not None:

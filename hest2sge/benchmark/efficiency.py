@@ -10,6 +10,7 @@ reported separately from the mean of the others.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 import time
@@ -27,15 +28,15 @@ class _RSSSampler(threading.Thread):
         self.proc = psutil.Process()
         self.interval = interval
         self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
             time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return max(self.peak, self.proc.memory_info().rss)
 
@@ -52,7 +53,8 @@ def profile_model(name: str, slide, *, epochs: int = 2, genes: Any = "mean",
         genes, n_genes: Gene panel rule (default: the ``n_genes`` top-mean genes; 785 as the
             HER2+ panel).
         tiny: Use the model's tiny configuration (tests).
-        overrides: Model keyword overrides (e.g. ``{"pretrained": False}``).
+        overrides: Model keyword overrides (e.g. ``{"pretrained": False}``); keys the
+            model does not accept are ignored, so one dict serves every model.
         accelerator: ``"cpu"`` or ``"gpu"``.
         use_tracemalloc: Trace Python allocations (slows Python-heavy code somewhat).
 
@@ -72,7 +74,10 @@ def profile_model(name: str, slide, *, epochs: int = 2, genes: Any = "mean",
 
     rec = get_record(name)
     cls = get_model_class(name)
-    kw = build_kwargs(rec, cls, tiny, dict(overrides or {}))
+    accepted = {n for k in cls.__mro__ if "__init__" in k.__dict__
+                for n in inspect.signature(k.__dict__["__init__"]).parameters}
+    kw = build_kwargs(rec, cls, tiny, {k: v for k, v in dict(overrides or {}).items()
+                                       if k in accepted})
     n_genes = min(int(n_genes), slide.n_vars)
     dm = SpotDataModule([slide], Split(train=[slide_id_of(slide)]), genes=genes,
                         n_genes=n_genes, **rec.datamodule_kwargs())

@@ -96,7 +96,7 @@ def svg_genes(slides: Sequence, genes: Sequence[str], top: int = 20,
               alpha: float = 0.05) -> list[str]:
     """Spatially variable genes: Moran's I per image, BH-adjusted p < alpha, top ``top`` by I
     per image, united over images (in panel order)."""
-    from hest2sge.benchmark.evaluate import common_truth
+    from hest2sge.benchmark.scoring import common_truth
 
     chosen: set[str] = set()
     for s in slides:

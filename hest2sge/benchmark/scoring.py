@@ -175,9 +175,12 @@ def predict_long(model, slides: Sequence, *, model_id: str | None = None,
     """Predict every slide and return long-table rows on the ``own`` and ``common`` scales."""
     import pandas as pd
 
+    import hest2sge
     from hest2sge.data.slide import patient_id_of, slide_id_of
-    from hest2sge.predict import predict
 
+    # through the package attribute: importing the module hest2sge.predict directly would
+    # leave ``hest2sge.predict`` bound to the module instead of the function
+    predict = hest2sge.predict
     genes = list(model.genes or [])
     if not genes:
         raise ValueError("evaluate needs a model with gene names (model.genes)")
