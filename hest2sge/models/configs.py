@@ -456,7 +456,8 @@ _add(ModelRecord(
 _add(ModelRecord(
     name="ridge",
     model={"encoder": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
-           "n_components": 256, "cv_folds": 5, "normalize": "imagenet"},
+           "n_components": 256, "cv_folds": 5, "alpha_min": 1e-2, "alpha_max": 1e6,
+           "n_alphas": 17, "normalize": "imagenet"},
     max_epochs=1, batch_size=128, monitor=None, augment=False,
     target_transform={"kind": "log_norm", "scale": 1e4, "base": "e", "library": "panel"},
     sources={

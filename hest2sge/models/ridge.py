@@ -14,8 +14,6 @@ from hest2sge.models.base import SpotModel
 from hest2sge.models.layers.frozen import FrozenEncoder
 from hest2sge.registry import register_model
 
-DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
-
 
 @register_model("ridge")
 class RidgeBaseline(SpotModel):
@@ -24,7 +22,7 @@ class RidgeBaseline(SpotModel):
     The HEST-Benchmark baseline (Jaume et al., NeurIPS 2024 Datasets & Benchmarks: PCA-256 of
     frozen patch features, then ridge regression), except that alpha is chosen by K-fold
     cross-validation on the training spots (mean squared error over all genes, grid
-    ``alphas``) instead of a fixed formula. Not trained by gradient descent: the training
+    ``alpha_min``..``alpha_max``) instead of a fixed formula. Not trained by gradient descent: the training
     steps collect features and targets, and the closed-form fit runs once before the first
     validation (like GeneCodeR), so it fits through the same ``Trainer.fit`` call.
 
@@ -38,7 +36,8 @@ class RidgeBaseline(SpotModel):
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         n_components: PCA components (at most spots - 1 and the feature width are used).
-        alphas: Ridge penalties tried.
+        alpha_min, alpha_max, n_alphas: The ridge penalties tried: ``n_alphas`` values
+            log-spaced from ``alpha_min`` to ``alpha_max``.
         cv_folds: Folds of the alpha cross-validation.
         seed: Seed of the cross-validation folds.
         **kwargs: Further :class:`SpotModel` arguments.
@@ -60,14 +59,17 @@ class RidgeBaseline(SpotModel):
         pretrained: bool | str | os.PathLike = True,
         patch_size: int = 224,
         n_components: int = 256,
-        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        alpha_min: float = 1e-2,
+        alpha_max: float = 1e6,
+        n_alphas: int = 17,
         cv_folds: int = 5,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(genes=genes, n_genes=n_genes, patch_size=patch_size, **kwargs)
-        if n_components < 1 or cv_folds < 2 or not alphas or min(alphas) <= 0:
-            raise ValueError("need n_components >= 1, cv_folds >= 2 and positive alphas")
+        if n_components < 1 or cv_folds < 2 or n_alphas < 1 or not 0 < alpha_min <= alpha_max:
+            raise ValueError("need n_components >= 1, cv_folds >= 2, n_alphas >= 1 and "
+                             "0 < alpha_min <= alpha_max")
         self.encoder = FrozenEncoder(encoder, pretrained)
         d = self.encoder.num_features
         self.register_buffer("feat_mean", torch.zeros(d))
@@ -127,7 +129,9 @@ class RidgeBaseline(SpotModel):
         _, _, vh = torch.linalg.svd(xc, full_matrices=False)
         comps = vh[:k].T  # (D, k)
         z = xc @ comps
-        alphas = [float(a) for a in self.hparams.alphas]
+        hp = self.hparams
+        alphas = [float(a) for a in np.logspace(np.log10(hp.alpha_min), np.log10(hp.alpha_max),
+                                                 int(hp.n_alphas))]
         alpha = self._cv_alpha(z, y, alphas) if len(alphas) > 1 else alphas[0]
         w, b = _ridge(z, y, [alpha])[0]
         dev = self.coef.device
