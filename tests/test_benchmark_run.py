@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smoke_cfg(tmp_path_factory) -> dict:
-    """benchmarks/configs/smoke.yaml at CI size: 4 patients x 2 sections, 6 x 6 spots,
+    """benchmarks/configs/smoke.yaml at CI size: 4 patients x 1 section, 6 x 6 spots,
     12 genes, 1 epoch."""
     cfg = yaml.safe_load((ROOT / "benchmarks" / "configs" / "smoke.yaml").read_text())
-    cfg["datasets"]["synthetic"]["slides"].update(n_patients=4, slides_per_patient=2,
+    cfg["datasets"]["synthetic"]["slides"].update(n_patients=4, slides_per_patient=1,
                                                    grid=[6, 6], n_genes=12)
     cfg["epochs"] = 1
     cfg["output"] = str(tmp_path_factory.mktemp("bench") / "uninterrupted")

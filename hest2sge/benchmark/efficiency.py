@@ -143,6 +143,6 @@ def profile(models: Sequence[str], slide, *, output: str | Path | None = None,
             out["models"][m] = profile_model(m, slide, **kwargs)
         except Exception as err:  # report, continue with the others
             out["models"][m] = {"model": m, "error": f"{type(err).__name__}: {err}"}
-    if output is not None:
-        Path(output).write_text(json.dumps(out, indent=1))
+        if output is not None:  # after each model: a long profile can be read while it runs
+            Path(output).write_text(json.dumps(out, indent=1))
     return out
