@@ -245,7 +245,7 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
             "best_checkpoint": os.path.basename(best_path) if best_path else None,
             "best_score": None if best_score is None else float(best_score),
             "target_transform": best.fitted_target_transform,
-            "weights": model_kwargs.get("backbone", model_kwargs.get("encoder")),
+            "weights": model_kwargs.get("backbone", model_kwargs.get("extractor")),
             "pretrained": model_kwargs.get("pretrained"),
             "seconds": time.perf_counter() - t0,
         }

@@ -82,7 +82,7 @@ def provenance(cfg: dict[str, Any], split_hashes: dict[str, str]) -> dict[str, A
         "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
         "seed": cfg["seed"], "split_sha256": split_hashes,
         "paper_split_file_sha256": PAPER_SPLIT_SHA256,
-        "weights": {m["name"]: {k: m["overrides"].get(k) for k in ("backbone", "encoder",
+        "weights": {m["name"]: {k: m["overrides"].get(k) for k in ("backbone", "extractor",
                                                                     "pretrained")
                                 if k in m["overrides"]} for m in cfg["models"]},
         "hardware": hardware(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

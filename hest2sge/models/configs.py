@@ -455,13 +455,13 @@ _add(ModelRecord(
 # ---------------------------------------------------------------------- the baselines
 _add(ModelRecord(
     name="ridge",
-    model={"encoder": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
+    model={"backbone": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
            "n_components": 256, "cv_folds": 5, "alpha_min": 1e-2, "alpha_max": 1e6,
            "n_alphas": 17, "normalize": "imagenet"},
     max_epochs=1, batch_size=128, monitor=None, augment=False,
     target_transform={"kind": "log_norm", "scale": 1e4, "base": "e", "library": "panel"},
     sources={
-        "encoder": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
+        "backbone": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
                    "(torchvision weights) by default",
         "n_components": "HEST-Benchmark (Jaume et al. 2024): PCA to 256 dimensions, then ridge",
         "cv_folds": "hest2sge: alpha chosen by 5-fold CV over 1e-2..1e6 (HEST-Benchmark fixes "
@@ -480,13 +480,13 @@ _add(ModelRecord(
 
 _add(ModelRecord(
     name="mlp",
-    model={"encoder": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
+    model={"backbone": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
            "hidden": 256, "dropout": 0.1, "optimizer": "adam", "lr": 1e-3,
            "weight_decay": 1e-4, "scheduler": None, "normalize": "imagenet"},
     max_epochs=50, batch_size=128, monitor="val/pcc", augment=False,
     target_transform={"kind": "log_norm", "scale": 1e4, "base": "e", "library": "panel"},
     sources={
-        "encoder": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
+        "backbone": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
                    "(torchvision weights) by default",
         "hidden": "hest2sge baseline: two-layer MLP, 256 hidden units, dropout 0.1",
         "optimizer": "hest2sge baseline: Adam, weight decay 1e-4",

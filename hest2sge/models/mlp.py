@@ -26,7 +26,7 @@ class MLPBaseline(SpotModel):
 
     Args:
         genes: Gene panel. n_genes: Number of genes when names are unknown.
-        encoder: timm model name (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
+        backbone: timm model name of the frozen encoder (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         hidden: Hidden units.
@@ -41,14 +41,14 @@ class MLPBaseline(SpotModel):
     loader_augment = False
     default_target_transform = {"kind": "log_norm", "scale": 1e4, "base": "e",
                                 "library": "panel"}
-    tiny_config = {"encoder": "test_resnet", "pretrained": False, "patch_size": 32,
+    tiny_config = {"backbone": "test_resnet", "pretrained": False, "patch_size": 32,
                    "hidden": 16}
 
     def __init__(
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        encoder: str = "resnet50.tv_in1k",
+        backbone: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
         patch_size: int = 224,
         hidden: int = 256,
@@ -61,7 +61,7 @@ class MLPBaseline(SpotModel):
                          weight_decay=weight_decay, **kwargs)
         if hidden < 1 or not 0 <= dropout < 1:
             raise ValueError(f"need hidden >= 1 and 0 <= dropout < 1; got {hidden}, {dropout}")
-        self.encoder = FrozenEncoder(encoder, pretrained)
+        self.encoder = FrozenEncoder(backbone, pretrained)
         self.head = nn.Sequential(nn.Linear(self.encoder.num_features, hidden), nn.ReLU(),
                                   nn.Dropout(dropout), nn.Linear(hidden, self.n_genes))
 

@@ -32,7 +32,7 @@ class RidgeBaseline(SpotModel):
 
     Args:
         genes: Gene panel. n_genes: Number of genes when names are unknown.
-        encoder: timm model name (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
+        backbone: timm model name of the frozen encoder (default ``"resnet50.tv_in1k"``: torchvision ImageNet weights).
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         n_components: PCA components (at most spots - 1 and the feature width are used).
@@ -48,14 +48,14 @@ class RidgeBaseline(SpotModel):
     loader_augment = False
     default_target_transform = {"kind": "log_norm", "scale": 1e4, "base": "e",
                                 "library": "panel"}
-    tiny_config = {"encoder": "test_resnet", "pretrained": False, "patch_size": 32,
+    tiny_config = {"backbone": "test_resnet", "pretrained": False, "patch_size": 32,
                    "n_components": 8, "cv_folds": 3}
 
     def __init__(
         self,
         genes: Sequence[str] | None = None,
         n_genes: int | None = None,
-        encoder: str = "resnet50.tv_in1k",
+        backbone: str = "resnet50.tv_in1k",
         pretrained: bool | str | os.PathLike = True,
         patch_size: int = 224,
         n_components: int = 256,
@@ -70,7 +70,7 @@ class RidgeBaseline(SpotModel):
         if n_components < 1 or cv_folds < 2 or n_alphas < 1 or not 0 < alpha_min <= alpha_max:
             raise ValueError("need n_components >= 1, cv_folds >= 2, n_alphas >= 1 and "
                              "0 < alpha_min <= alpha_max")
-        self.encoder = FrozenEncoder(encoder, pretrained)
+        self.encoder = FrozenEncoder(backbone, pretrained)
         d = self.encoder.num_features
         self.register_buffer("feat_mean", torch.zeros(d))
         self.register_buffer("components", torch.zeros(d, n_components))
