@@ -30,6 +30,7 @@ __all__ = [
     "__version__",
     "data",
     "evaluate",
+    "from_pretrained",
     "list_models",
     "load",
     "metrics",
@@ -43,6 +44,7 @@ _LAZY = {
     "SpotDataModule": ("hest2sge.data.datamodule", "SpotDataModule"),
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
+    "from_pretrained": ("hest2sge.models.transfer", "from_pretrained"),
     "predict": ("hest2sge.predict", "predict"),
     "evaluate": ("hest2sge.benchmark.scoring", "evaluate"),
 }

@@ -85,3 +85,18 @@ def run_demo(out: str | os.PathLike = "demo_output", epochs: int = 5,
               f"  elapsed: {summary['seconds']:.0f} s")
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
             for k, v in summary.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hest2sge demo``: parse the options and run :func:`run_demo`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="hest2sge demo",
+                                description="Train ST-Net on synthetic slides and evaluate it.")
+    p.add_argument("--out", default="demo_output", help="output folder (PNG, metrics table)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    run_demo(out=args.out, epochs=args.epochs, backbone=args.backbone, seed=args.seed)
+    return 0

@@ -272,7 +272,7 @@ def test_trains_on_real_her2st_sections(her2st_slides, tmp_path):
     torch.manual_seed(0)
     model = hest2sge.load("istar", genes=dm.genes, **{**TINY, "pixel_size_um": 8.0})
     # legacy ST: 100 um spots -> radius 50 um = 6.25 superpixels of 8 um at the paper's scale
-    paper = IStar(n_genes=2)
+    paper = IStar(n_genes=2, pretrained=False)
     assert math.isclose(paper._geometry(slides[0])[1], 6.25, rel_tol=1e-6)
     before = [p.detach().clone() for p in model.members.parameters()]
     trainer = _trainer(limit_train_batches=4, limit_val_batches=3,

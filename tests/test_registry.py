@@ -71,10 +71,10 @@ def test_checkpoint_gene_panel_mismatch(tmp_path):
     restored = hest2sge.load("stnet", checkpoint=path, genes=["A", "B", "C"])
     for (k, v), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    with pytest.raises(ValueError, match="different gene panel.*'D'"):
-        hest2sge.load("stnet", checkpoint=path, genes=["A", "B", "D"])
     with pytest.raises(TypeError, match="only genes="):
         hest2sge.load(checkpoint=path, lr=3.0)
+    with pytest.raises(TypeError, match="only genes="):
+        hest2sge.load(checkpoint=path, genes=["A", "B", "D"], backbone="resnet18")
 
 
 class _Evil:
@@ -178,3 +178,135 @@ def test_local_weights_load_strictly(tmp_path):
     assert torch.equal(m.backbone.blocks[0].ls1.gamma, src.blocks[0].ls1.gamma)
     with pytest.raises(FileNotFoundError):
         create_backbone("test_vit", tmp_path / "missing.pth")
+
+
+# ---------------------------------------------------------------------- fine-tuning, sharing
+def test_new_panel_keeps_the_trunk_and_shared_head_rows(tmp_path, caplog):
+    model, path = _trained_ckpt(tmp_path, ["A", "B", "C"])
+    with torch.no_grad():
+        model.head.weight.normal_()
+        model.head.bias.normal_()
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    with caplog.at_level("WARNING", logger="hest2sge"):
+        ft = hest2sge.load(checkpoint=path, genes=["C", "D", "A", "E"], lr=1e-3)
+    assert "2 gene(s) shared" in caplog.text and "2 new gene(s)" in caplog.text
+    assert ft.genes == ["C", "D", "A", "E"] and ft.hparams.lr == 1e-3
+    assert ft.finetune_report["reinitialised"] == ["head.weight", "head.bias"]
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(ft.backbone.state_dict()[k], v), k
+    assert torch.equal(ft.head.weight[0], model.head.weight[2])  # C
+    assert torch.equal(ft.head.weight[2], model.head.weight[0])  # A
+    assert torch.equal(ft.head.bias[[0, 2]], model.head.bias[[2, 0]])
+    assert torch.equal(ft.head.weight[[1, 3]], torch.zeros(2, ft.head.weight.shape[1]))  # fresh
+    assert ft.fitted_target_transform is None
+    # the same panel in another order is a new panel too
+    again = hest2sge.load(checkpoint=path, genes=["C", "B", "A"])
+    assert torch.equal(again.head.weight, model.head.weight[[2, 1, 0]])
+
+
+def test_freeze_and_unfreeze_backbone():
+    model = hest2sge.load("stnet", n_genes=3, backbone="test_resnet", pretrained=False,
+                          patch_size=32)
+    model.freeze_backbone().train()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not model.backbone.training and model.head.training
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
+        sum(p.numel() for p in model.head.parameters())
+    model.unfreeze_backbone()
+    assert all(p.requires_grad for p in model.backbone.parameters()) and model.backbone.training
+    hg = hest2sge.load("histogene", n_genes=3, **hest2sge.registry.get_model_class(
+        "histogene").tiny_config)
+    with pytest.raises(AttributeError, match="no pretrained trunk"):
+        hg.freeze_backbone()
+
+
+class _LocalHub:
+    """Stands in for huggingface_hub.HfApi: repositories are folders under ``root``."""
+
+    def __init__(self, root):
+        self.root = root
+        self.created = []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        self.created.append((repo_id, private, exist_ok, repo_type))
+        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+        import shutil
+
+        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+        return f"commit: {commit_message}"
+
+
+def test_save_pretrained_push_to_hub_and_back(tmp_path):
+    import json
+
+    model, _ = _trained_ckpt(tmp_path, ["A", "B", "C"])
+    model.fitted_target_transform = {"kind": "stnet"}
+    folder = model.save_pretrained(tmp_path / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model"] == "stnet" and cfg["genes"] == ["A", "B", "C"]
+    back = hest2sge.from_pretrained(folder)
+    assert back.fitted_target_transform == {"kind": "stnet"} and not back.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+    hub = _LocalHub(tmp_path / "hub")
+    out = model.push_to_hub("me/stnet-tiny", api=hub, private=True, commit_message="tiny")
+    assert out == "commit: tiny" and hub.created == [("me/stnet-tiny", True, True, "model")]
+    repo = tmp_path / "hub" / "me" / "stnet-tiny"
+    assert "hest2sge.from_pretrained" in (repo / "README.md").read_text()
+    pulled = SpotModel.from_pretrained(repo)
+    for k, v in model.state_dict().items():
+        assert torch.equal(pulled.state_dict()[k], v), k
+    adapted = hest2sge.from_pretrained(repo, genes=["B", "Z"])
+    assert adapted.finetune_report["kept_genes"] == 1
+    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+        hest2sge.from_pretrained(str(tmp_path / "nowhere" / "x"))
+
+
+def test_finetuning_on_a_new_panel_beats_the_fresh_head(tmp_path):
+    """A trunk trained on panel A, fine-tuned (frozen trunk) on panel B: the validation loss on
+    B falls below the freshly initialised head's."""
+    import lightning.pytorch as pl
+
+    from hest2sge.data import SpotDataModule, patient_kfold, synthetic_slides
+
+    pl.seed_everything(0)
+    slides = synthetic_slides(n_patients=4, slides_per_patient=1, grid=(6, 6), n_genes=16,
+                              spot_pitch_px=32, seed=3)
+    split = patient_kfold(slides, k=4, fold=0)
+    genes = list(slides[0].var_names)
+    panel_a, panel_b = genes[:10], genes[6:]  # 4 genes shared, 6 new
+    tiny = {"backbone": "test_resnet", "pretrained": False, "patch_size": 32,
+            "optimizer": "adam", "lr": 1e-3, "loss_reduction": "mean"}
+
+    def dm(panel):
+        return SpotDataModule(slides, split, genes=panel, batch_size=16, patch_size=32)
+
+    def trainer(epochs):
+        return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0)
+
+    model = hest2sge.load("stnet", genes=panel_a, **tiny)
+    t = trainer(3)
+    t.fit(model, dm(panel_a))
+    t.save_checkpoint(tmp_path / "a.ckpt")
+
+    ft = hest2sge.load(checkpoint=tmp_path / "a.ckpt", genes=panel_b, lr=3e-3)
+    ft.freeze_backbone()
+    data_b = dm(panel_b)
+    fresh = trainer(1).validate(ft, data_b, verbose=False)[0]["val/loss"]
+    trainer(3).fit(ft, data_b)
+    tuned = trainer(1).validate(ft, data_b, verbose=False)[0]["val/loss"]
+    print(f"panel B validation loss: fresh head {fresh:.4f}, fine-tuned {tuned:.4f}")
+    assert tuned < fresh

@@ -98,6 +98,8 @@ class SpotModel(pl.LightningModule):
     #: The model takes uint8 patches (0-255) and converts them itself, chunk by chunk, to save
     #: memory on whole slides; otherwise batches arrive as float in [0, 1].
     accepts_uint8_img: ClassVar[bool] = False
+    #: Attributes holding the pretrained trunk (``freeze_backbone``); default ``backbone``.
+    trunk_modules: ClassVar[tuple[str, ...]] = ()
     #: Keyword overrides giving a tiny configuration (tests, CPU smoke runs).
     tiny_config: ClassVar[dict[str, Any]] = {}
 
@@ -307,6 +309,66 @@ class SpotModel(pl.LightningModule):
         meta = checkpoint.get("hest2sge") or {}
         self.fitted_target_transform = meta.get("target_transform")
 
+    # ------------------------------------------------------------------ fine-tuning, sharing
+    def trunk(self) -> list[torch.nn.Module]:
+        """The pretrained feature extractor(s) (``trunk_modules``, else ``backbone``)."""
+        names = self.trunk_modules or (("backbone",) if hasattr(self, "backbone") else ())
+        mods = [getattr(self, n) for n in names if isinstance(getattr(self, n, None),
+                                                                torch.nn.Module)]
+        if not mods:
+            raise AttributeError(f"{type(self).__name__} has no pretrained trunk to freeze")
+        return mods
+
+    def freeze_backbone(self) -> SpotModel:
+        """Freeze the trunk: no gradients, BatchNorm statistics kept (eval mode in training).
+        The optimiser built by ``configure_optimizers`` then trains the rest only."""
+        for m in self.trunk():
+            m.requires_grad_(False)
+            m.eval()
+        self._trunk_frozen = True
+        if hasattr(self, "frozen"):  # DeepPT's fixed-extractor switch
+            self.frozen = True
+        return self
+
+    def unfreeze_backbone(self) -> SpotModel:
+        """Train the trunk again (end-to-end fine-tuning)."""
+        for m in self.trunk():
+            m.requires_grad_(True)
+            m.train(self.training)
+        self._trunk_frozen = False
+        if hasattr(self, "frozen"):
+            self.frozen = False
+        return self
+
+    def train(self, mode: bool = True) -> SpotModel:
+        super().train(mode)
+        if getattr(self, "_trunk_frozen", False):
+            for m in self.trunk():
+                m.eval()
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Any:
+        """Write ``model.safetensors`` + ``config.json`` (see :mod:`hest2sge.models.transfer`)."""
+        from hest2sge.models.transfer import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload to a Hugging Face repository (:func:`hest2sge.models.transfer.push_to_hub`)."""
+        from hest2sge.models.transfer import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, **kwargs: Any) -> SpotModel:
+        """Load a :meth:`save_pretrained` folder or hub repository (any registered model)."""
+        from hest2sge.models.transfer import from_pretrained
+
+        model = from_pretrained(path_or_repo, **kwargs)
+        if cls is not SpotModel and not isinstance(model, cls):
+            raise TypeError(f"{path_or_repo} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
 
 def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:
     """Convert a loader batch for a model: uint8 patches become float in [0, 1] (unless
@@ -335,11 +397,14 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
     Args:
         path: Checkpoint file.
         name: Expected registry name (checked against the checkpoint's).
-        **overrides: Only ``genes`` (checked against the checkpoint's panel) and
-            ``map_location`` are accepted.
+        **overrides: ``map_location``, and ``genes``: the checkpoint's panel restores the
+            model as trained; a different panel fine-tunes it (the trunk is kept, the output
+            head re-initialised with the rows of shared genes kept, see
+            :func:`hest2sge.models.transfer.adapt_to_panel`), optionally with new training
+            settings (``lr``, ``optimizer``, ``weight_decay``, ``scheduler``, ...).
 
     Returns:
-        The model with the checkpoint's weights, in eval mode.
+        The model with the checkpoint's weights, in eval mode (train mode when adapted).
     """
     from hest2sge.registry import get_model_class
 
@@ -363,21 +428,21 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **override
         raise ValueError(f"{path} holds a {ck_name!r} model, not {name!r}")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     genes = overrides.pop("genes", None)
-    if overrides:
+    from hest2sge.models.transfer import FINETUNE_OVERRIDES, adapt_to_panel
+
+    bad = set(overrides) - FINETUNE_OVERRIDES
+    if bad or (overrides and genes is None):
         raise TypeError(
-            f"only genes= may accompany checkpoint=; got {sorted(overrides)}. "
+            f"only genes= (and, to fine-tune on a new panel, {sorted(FINETUNE_OVERRIDES)}) "
+            f"may accompany checkpoint=; got {sorted(overrides)}. "
             "Build the model from the name to change its configuration."
         )
-    if genes is not None:
-        ck_genes = hparams.get("genes")
-        if ck_genes is not None and list(genes) != list(ck_genes):
-            missing = [g for g in genes if g not in set(ck_genes)]
-            raise ValueError(
-                f"checkpoint {path} was trained on a different gene panel: "
-                f"{len(missing)} requested gene(s) are not in it (e.g. {missing[:5]})"
-                + ("" if missing else "; same genes in a different order")
-            )
     cls = get_model_class(ck_name)
+    ck_genes = hparams.get("genes")
+    if genes is not None and (overrides or ck_genes is None or list(genes) != list(ck_genes)):
+        # Fine-tuning: keep the trained trunk, re-initialise the head for the new panel.
+        return adapt_to_panel(cls, hparams, ckpt["state_dict"], genes, source=path,
+                              **overrides)
     import inspect
 
     accepted = inspect.signature(cls.__init__).parameters

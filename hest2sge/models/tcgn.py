@@ -128,6 +128,7 @@ class TCGN(SpotModel):
     paper_parameters = 29e6
     input_mode = "spot"
     default_target_transform = {"kind": "log_norm"}
+    trunk_modules = ("cmt",)
     tiny_config = {"pretrained": False, "patch_size": 32, "img_size": 64,
                    "embed_dims": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "stem_channels": 8,
                    "fc_dim": 32, "head_hidden": 64, "graph_out": 8}

@@ -262,7 +262,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, filter_fn: Any = Non
               if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(
-            f"{path} does not fit {type(model).__name__}: {len(missing)} missing key(s) "
+            f"{path} does not fit this backbone ({type(model).__name__}): {len(missing)} missing key(s) "
             f"{missing[:8]}, {len(unexpected)} unexpected key(s) {unexpected[:8]}, "
             f"{len(shapes)} shape mismatch(es) {shapes[:5]}. Check the architecture name and "
             "its keyword arguments (e.g. init_values=1e-5 for a ViT with LayerScale)."

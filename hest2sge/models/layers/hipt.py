@@ -371,7 +371,17 @@ def hipt_weight_paths(pretrained: Any) -> tuple[str, str]:
         hub.mkdir(parents=True, exist_ok=True)
         for name, url in HIPT_FILES.values():
             if not (hub / name).exists():
-                torch.hub.download_url_to_file(url, str(hub / name))
+                try:
+                    torch.hub.download_url_to_file(url, str(hub / name))
+                except Exception as e:  # network errors of every kind
+                    from hest2sge.models.layers.backbones import WeightsUnavailableError
+
+                    raise WeightsUnavailableError(
+                        f"could not download the HIPT checkpoint {name} from {url} "
+                        f"({type(e).__name__}: {e}). Ways out: pass pretrained=False (random "
+                        "frozen encoder, tests only), or pretrained='<folder>' holding "
+                        f"{HIPT_FILES['vit256'][0]} and {HIPT_FILES['vit4k'][0]}, or copy them "
+                        f"into {hub}") from None
         return str(hub / HIPT_FILES["vit256"][0]), str(hub / HIPT_FILES["vit4k"][0])
     if isinstance(pretrained, dict):
         try:
