@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="efficiency.json")
+    p.add_argument("--same-process", action="store_true",
+                   help="profile every model in this process (default: one fresh process per "
+                        "model, so each peak RSS belongs to that model alone)")
     args = p.parse_args(argv)
+    models_arg = args.models
+    if not args.same_process and (models_arg is None or len(models_arg) > 1):
+        return _isolated(args, argv or sys.argv[1:])
 
     import torch
 
@@ -63,6 +69,41 @@ def main(argv: list[str] | None = None) -> int:
                   overrides={"pretrained": False})
     for r in res["models"].values():
         print(json.dumps(r))
+    return 0
+
+
+def _isolated(args, argv: list[str]) -> int:
+    """Run each model in its own subprocess and merge the JSON files."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import hest2sge
+
+    models = args.models or hest2sge.list_models()
+    rest, skip = [], False
+    for a in argv:  # drop --models ... and --out ... from the forwarded arguments
+        if a in ("--models", "--out"):
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    merged: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            out = Path(tmp) / f"{m}.json"
+            subprocess.run([sys.executable, __file__, *rest, "--models", m, "--out", str(out)],
+                           check=False)
+            if out.is_file():
+                one = json.loads(out.read_text())
+                merged.setdefault("protocol", one["protocol"] + "; one process per model")
+                merged.setdefault("hardware", one["hardware"])
+                merged.setdefault("models", {}).update(one["models"])
+            else:
+                merged.setdefault("models", {})[m] = {"model": m, "error": "process failed"}
+            Path(args.out).write_text(json.dumps(merged, indent=1))
     return 0
 
 

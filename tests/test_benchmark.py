@@ -176,6 +176,10 @@ def test_dry_run_of_the_paper_config(capsys, tmp_path, monkeypatch):
     # fold 0 trains on patients B, C, D, E, G (24 sections)
     row = table[(table["model"] == "stnet") & (table["fold"] == 0)].iloc[0]
     assert row["train_spots"] == 24 * 378 and row["epochs"] >= 1
+    # the shipped CPU efficiency profile covers every model: every cell has an estimate
+    assert table["est_hours"].notna().all() and (table["est_hours"] > 0).all()
+    slow = table.groupby("model")["est_hours"].sum()
+    assert slow["deepspace"] > slow["ridge"]
     assert "dry run of her2st_paper: 52 cells" in capsys.readouterr().out
     assert (tmp_path / "dry_run.csv").is_file()
 

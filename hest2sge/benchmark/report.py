@@ -219,7 +219,9 @@ def _write_report(cfg, info, summary, folds, rankings, subsets_df, subset_genes,
               + "epochs (run / paper): " + ", ".join(
                   f"{k} {sorted(a for a, _, _ in v)[0]}/{sorted(b for _, b, _ in v)[0]}"
                   for k, v in sorted(epochs.items()))
-              + "; best epoch by validation PCC unless the record keeps the last epoch",
+              + "; best epoch by validation PCC unless the record keeps the last epoch"
+              + "".join(f"; {m['name']} overrides {m['overrides']}" for m in cfg["models"]
+                        if m["overrides"]),
               f"- seed {cfg['seed']}; provenance (version, commit, hardware, hashes): "
               "provenance.json", ""]
     for scale in ("common", "own"):

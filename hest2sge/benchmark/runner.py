@@ -188,8 +188,9 @@ def _dataset_sizes(cfg: dict[str, Any], name: str) -> tuple[list, dict[str, int]
 def dry_run(config: Any) -> BenchmarkResult:
     """List the cells with an estimated cost from the efficiency profile, run nothing.
 
-    The estimate of a cell is ``s x (train spots x epochs + 0.35 x (val spots x epochs +
-    test spots))``, with ``s`` the model's seconds per spot and epoch from the profile
+    The estimate of a cell is ``train spots x (f + (epochs - 1) x s) + 0.35 x s x (val spots
+    x epochs + test spots)``, with ``f`` and ``s`` the model's seconds per spot in its first
+    and later epochs from the profile
     (``efficiency.profile`` in the config, else the shipped CPU profile); 0.35 is the cost of
     a forward pass relative to a training step. Printed as a table and written to
     ``<output>/dry_run.csv``.
@@ -215,9 +216,12 @@ def dry_run(config: Any) -> BenchmarkResult:
         rec = get_record(s.model)
         epochs = int(cfg["epochs"] or rec.max_epochs)
         e = entries.get(s.model)
-        sps = e["sec_per_epoch"] / e["spots"] if e else None
-        est = None if sps is None else sps * (n["train"] * epochs
-                                               + 0.35 * (n["val"] * epochs + n["test"]))
+        est = None
+        if e and e.get("sec_per_epoch") is not None:
+            sps = e["sec_per_epoch"] / e["spots"]
+            first = (e.get("first_epoch_s") or e["sec_per_epoch"]) / e["spots"]
+            est = n["train"] * (first + (epochs - 1) * sps) \
+                + 0.35 * sps * (n["val"] * epochs + n["test"])
         rows.append({"cell_id": s.cell_id, "model": s.model, "input": get_model_class(s.model)
                      .input_mode, "dataset": s.dataset, "fold": s.fold, "epochs": epochs,
                      "train_spots": n["train"], "val_spots": n["val"], "test_spots": n["test"],
