@@ -30,6 +30,7 @@ __all__ = [
     "SpotModel",
     "__version__",
     "data",
+    "evaluate",
     "from_pretrained",
     "list_models",
     "load",
@@ -49,6 +50,7 @@ _LAZY = {
     "from_pretrained": ("hest2sge.models.transfer", "from_pretrained"),
     "predict": ("hest2sge.predict", "predict"),
     "predict_wsi": ("hest2sge.translational.wsi", "predict_wsi"),
+    "evaluate": ("hest2sge.benchmark.scoring", "evaluate"),
 }
 _SUBMODULES = {"data", "metrics", "models", "benchmark", "translational", "plotting", "cache"}
 

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "predict on every tissue tile of a whole-slide image (no spots)"),
     "survival": ("hest2sge.translational.survival_cli:main",
                  "Cox survival analysis on pseudobulk + clinical tables (the paper's protocol)"),
+    "benchmark": ("hest2sge.benchmark.cli:main", "run a benchmark config (models x datasets x "
+                  "folds; --dry-run lists cells and costs)"),
 }
 
 # Messages Lightning prints on every run that say nothing about the user's configuration.

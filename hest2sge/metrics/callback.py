@@ -240,11 +240,8 @@ def evaluate_predictions(
 
 def summarise(table, metrics: tuple[str, ...] | list[str] = DEFAULT_LOGGED) -> dict[str, float]:
     """The benchmark's aggregation: mean over the slides of each patient, then over patients
-    for each gene, then over genes (NaN-aware at every level)."""
-    out: dict[str, float] = {}
-    cols = [m for m in metrics if m in table.columns]
-    per_patient = table.groupby(["patient_id", "gene"], sort=False)[cols].mean()
-    per_gene = per_patient.groupby(level="gene", sort=False).mean()
-    for m in cols:
-        out[m] = float(np.nanmean(per_gene[m].to_numpy())) if per_gene[m].notna().any() else float("nan")
-    return out
+    for each gene, then over genes (NaN-aware at every level). One implementation, shared with
+    the benchmark: :func:`hest2sge.metrics.aggregate.summarise`."""
+    from hest2sge.metrics.aggregate import summarise as _summarise
+
+    return _summarise(table, metrics, nonfinite="propagate")

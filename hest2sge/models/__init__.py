@@ -13,6 +13,8 @@ from hest2sge.models.genecoder import GeneCodeR
 from hest2sge.models.hist2st import Hist2ST
 from hest2sge.models.histogene import HisToGene
 from hest2sge.models.istar import IStar
+from hest2sge.models.mlp import MLPBaseline
+from hest2sge.models.ridge import RidgeBaseline
 from hest2sge.models.stnet import STNet
 from hest2sge.models.tcgn import TCGN
 from hest2sge.models.thitogene import THItoGene
@@ -26,6 +28,8 @@ __all__ = [
     "Hist2ST",
     "HisToGene",
     "IStar",
+    "MLPBaseline",
+    "RidgeBaseline",
     "SpotModel",
     "STNet",
     "TCGN",

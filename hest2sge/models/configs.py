@@ -455,6 +455,57 @@ _add(ModelRecord(
 ))
 
 
+# ---------------------------------------------------------------------- the baselines
+_add(ModelRecord(
+    name="ridge",
+    model={"backbone": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
+           "n_components": 256, "cv_folds": 5, "alpha_min": 1e-2, "alpha_max": 1e6,
+           "n_alphas": 17, "normalize": "imagenet"},
+    max_epochs=1, batch_size=128, monitor=None, augment=False,
+    target_transform={"kind": "log_norm", "scale": 1e4, "base": "e", "library": "panel"},
+    sources={
+        "backbone": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
+                   "(torchvision weights) by default",
+        "n_components": "HEST-Benchmark (Jaume et al. 2024): PCA to 256 dimensions, then ridge",
+        "cv_folds": "hest2sge: alpha chosen by 5-fold CV over 1e-2..1e6 (HEST-Benchmark fixes "
+                    "it by a formula)",
+        "max_epochs": "hest2sge: closed-form fit, one pass over the training spots",
+        "batch_size": "hest2sge: loader batch only (the fit sees all training spots at once)",
+        "monitor": "hest2sge: one fit, nothing to select",
+        "augment": "HEST-Benchmark: features of un-augmented patches",
+        "target_transform": "HEST-Benchmark: log1p of normalised expression (here CP10k over "
+                            "the panel)",
+        "from_scratch": "hest2sge: a random encoder still gives colour/texture features; "
+                        "nothing else changes",
+    },
+    from_scratch={"pretrained": False},
+))
+
+_add(ModelRecord(
+    name="mlp",
+    model={"backbone": "resnet50.tv_in1k", "pretrained": True, "patch_size": 224,
+           "hidden": 256, "dropout": 0.1, "optimizer": "adam", "lr": 1e-3,
+           "weight_decay": 1e-4, "scheduler": None, "normalize": "imagenet"},
+    max_epochs=50, batch_size=128, monitor="val/pcc", augment=False,
+    target_transform={"kind": "log_norm", "scale": 1e4, "base": "e", "library": "panel"},
+    sources={
+        "backbone": "hest2sge baseline: any timm/foundation encoder; ImageNet ResNet-50 "
+                   "(torchvision weights) by default",
+        "hidden": "hest2sge baseline: two-layer MLP, 256 hidden units, dropout 0.1",
+        "optimizer": "hest2sge baseline: Adam, weight decay 1e-4",
+        "lr": "hest2sge baseline: lr 1e-3 (the head only; the encoder is frozen)",
+        "max_epochs": "hest2sge baseline: 50 epochs, best by validation PCC",
+        "batch_size": "hest2sge baseline: 128 spots",
+        "monitor": "paper Methods (evaluation): best epoch by validation PCC",
+        "augment": "hest2sge: features memoised per spot, so no augmentation",
+        "target_transform": "as the ridge baseline: log1p CP10k over the panel",
+        "from_scratch": "hest2sge: a random encoder still gives colour/texture features; "
+                        "nothing else changes",
+    },
+    from_scratch={"pretrained": False},
+))
+
+
 # ---------------------------------------------------------------------- look-up
 def list_records() -> list[str]:
     """Names of the models with a record of their own (the built-in models), sorted."""
