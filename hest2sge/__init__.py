@@ -48,7 +48,7 @@ _LAZY = {
     "SpotMetrics": ("hest2sge.metrics.callback", "SpotMetrics"),
     "SpotModel": ("hest2sge.models.base", "SpotModel"),
     "from_pretrained": ("hest2sge.models.transfer", "from_pretrained"),
-    "predict": ("hest2sge.predict", "predict"),
+    "predict": ("hest2sge.prediction", "predict"),
     "predict_wsi": ("hest2sge.translational.wsi", "predict_wsi"),
     "evaluate": ("hest2sge.benchmark.scoring", "evaluate"),
 }

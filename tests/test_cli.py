@@ -177,6 +177,7 @@ def test_real_command_is_quiet_and_fast_dev_run_writes_no_checkpoint(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     res = subprocess.run(
         [sys.executable, "-c", "import sys; from hest2sge.cli import main; sys.exit(main())",
          "fit", "--config", "examples/configs/smoke.yaml", "--trainer.fast_dev_run", "true"],
@@ -242,6 +243,8 @@ README_COMMANDS = [
     "--ckpt_path smoke_output/checkpoints/last.ckpt",
     "hest2sge predict --config examples/configs/smoke.yaml "
     "--ckpt_path smoke_output/checkpoints/last.ckpt",
+    "hest2sge benchmark --config benchmarks/configs/smoke.yaml",
+    "hest2sge benchmark --config benchmarks/configs/her2st_paper.yaml --dry-run",
 ]
 
 
@@ -253,6 +256,7 @@ def test_readme_commands_run_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # no network
     monkeypatch.chdir(tmp_path)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     for cmd in README_COMMANDS:
         argv = shlex.split(cmd)
         assert argv[0] == "hest2sge"
@@ -263,6 +267,7 @@ def test_readme_commands_run_offline(tmp_path, monkeypatch, capsys):
         assert rc == 0, cmd
     assert (tmp_path / "smoke_output" / "checkpoints" / "last.ckpt").is_file()
     assert len(list((tmp_path / "smoke_output" / "predictions").glob("*.h5ad"))) == 1
+    assert (tmp_path / "benchmark_output" / "smoke" / "report.md").is_file()
 
 
 def test_readme_lists_only_tested_commands():

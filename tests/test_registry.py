@@ -310,3 +310,15 @@ def test_finetuning_on_a_new_panel_beats_the_fresh_head(tmp_path):
     tuned = trainer(1).validate(ft, data_b, verbose=False)[0]["val/loss"]
     print(f"panel B validation loss: fresh head {fresh:.4f}, fine-tuned {tuned:.4f}")
     assert tuned < fresh
+
+
+def test_predict_is_the_function_whatever_was_imported_first():
+    """Importing the prediction module never rebinds ``hest2sge.predict`` to a module."""
+    import subprocess
+    import sys
+
+    code = ("import hest2sge.prediction, hest2sge, hest2sge.data.datamodule\n"
+            "assert callable(hest2sge.predict), type(hest2sge.predict)\n"
+            "from hest2sge import predict\n"
+            "assert predict.__module__ == 'hest2sge.prediction'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

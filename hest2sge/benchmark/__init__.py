@@ -1,4 +1,4 @@
-"""The benchmark: the paper's protocol (SPEC.md sections 4, 5) in one call.
+"""The benchmark: the paper's protocol (its Methods) in one call.
 
 ``hest2sge.benchmark.run(config)`` (or ``hest2sge benchmark --config <yaml>``) trains and tests
 every cell of the grid models x datasets x folds, writes each cell's test predictions as a long

@@ -3,7 +3,8 @@
 Keys (``benchmarks/configs/*.yaml`` are complete examples)::
 
     name: smoke                    # used for the default output folder
-    output: benchmark_output/smoke
+    output: benchmark_output/smoke # relative to the working directory (input paths such as
+                                   # root/file are relative to the config file)
     seed: 0
     models: [stnet, histogene]     # or {name: stnet, overrides: {...}} entries
     baselines: true                # add the ridge and mlp baselines (default true)
@@ -64,7 +65,9 @@ def _resolve(value: Any, base: Path, key: str | None = None) -> Any:
         return [_resolve(v, base, key) for v in value]
     if isinstance(value, str) and key in _PATH_KEYS:
         p = Path(os.path.expanduser(os.path.expandvars(value)))
-        return str(p if p.is_absolute() else (base / p).resolve())
+        # Outputs go where the command runs; inputs are found beside the config file.
+        anchor = Path.cwd() if key in ("output", "cache_dir") else base
+        return str(p if p.is_absolute() else (anchor / p).resolve())
     return value
 
 

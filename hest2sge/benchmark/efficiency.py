@@ -1,4 +1,4 @@
-"""Efficiency profile (the paper's efficiency category, SPEC.md section 5).
+"""Efficiency profile (the paper's efficiency category).
 
 Per model: train on ONE image for N epochs through the same ``Trainer`` path as a benchmark
 cell (the model's configuration record, no validation) and measure the time per epoch and the

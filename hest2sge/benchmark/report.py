@@ -16,7 +16,7 @@ from hest2sge.benchmark.tables import (
     summary_table,
 )
 
-#: SPEC.md 7b: mean PCC on the test folds of the paper's HER2+ split (785 genes, 30 HVGs,
+#: The paper's source data (Fig. 3a sheet): mean PCC on the test folds of the paper's HER2+ split (785 genes, 30 HVGs,
 #: 40 SVGs), own scale, image -> patient -> gene aggregation, from the paper's source data.
 PAPER_HER2ST_PCC = {
     "egnv2": (0.168, 0.236, 0.284), "stnet": (0.136, 0.137, 0.220),
@@ -249,7 +249,7 @@ def _write_report(cfg, info, summary, folds, rankings, subsets_df, subset_genes,
                 rows["paper"] = rows["model_id"].map(
                     lambda m: PAPER_HER2ST_PCC.get(m, ("-",))[0])
                 cols.append("paper")
-                heads.append("paper PCC (SPEC 7b)")
+                heads.append("paper PCC (source data)")
             lines += [f"### {ds}", "", _md_table(rows, cols, heads), ""]
     refs = summary[summary["model_id"].str.startswith("ref_")]
     if not refs.empty:

@@ -178,8 +178,6 @@ def predict_long(model, slides: Sequence, *, model_id: str | None = None,
     import hest2sge
     from hest2sge.data.slide import patient_id_of, slide_id_of
 
-    # through the package attribute: importing the module hest2sge.predict directly would
-    # leave ``hest2sge.predict`` bound to the module instead of the function
     predict = hest2sge.predict
     genes = list(model.genes or [])
     if not genes:

@@ -27,7 +27,7 @@ def _split_bytes() -> bytes:
 
 
 def paper_split_definition(verify: bool = True) -> dict[str, Any]:
-    """The paper's HER2+ 4-fold patient split (SPEC.md 7b) as shipped package data.
+    """The paper's HER2+ 4-fold patient split (its source data) as shipped package data.
 
     Args:
         verify: Check the file's sha256 against :data:`PAPER_SPLIT_SHA256`.
@@ -175,7 +175,7 @@ def make_folds(slides: Sequence, spec: Any) -> tuple[list, list[Split], str]:
     kind = spec.pop("kind", "patient_kfold")
     if kind == "her2st_paper":
         return list(slides), her2st_paper_folds(slides), \
-            "paper HER2+ 4-fold patient split (SPEC 7b; test A+H/B+E/C+G/D+F)"
+            "paper HER2+ 4-fold patient split (the paper's source data; test A+H/B+E/C+G/D+F)"
     if kind == "patient_kfold":
         k = int(spec.get("k", 4))
         return list(slides), kfold_splits(slides, k), \

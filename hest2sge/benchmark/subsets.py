@@ -1,4 +1,4 @@
-"""Gene subsets of the paper's analysis (SPEC.md section 3) and tests against all genes.
+"""Gene subsets of the paper's analysis (the benchmark paper's Methods) and tests against all genes.
 
 * HVGs: a scran ``modelGeneVar`` + ``getTopHVGs(prop = 0.1)``-like selection on the ground
   truth: log2(1 + c / size factor) per spot, per-gene mean and variance, a trend of variance

@@ -4,7 +4,7 @@ Both the :class:`~hest2sge.metrics.SpotMetrics` callback (``val/pcc`` for checkp
 the benchmark runner (:mod:`hest2sge.benchmark`) call these functions, so a number logged during
 training and a number in a benchmark table are produced by the same code.
 
-The paper's rule (SPEC.md section 4): a metric is computed per (model, fold, image, gene), then
+The paper's rule (the benchmark paper's Methods): a metric is computed per (model, fold, image, gene), then
 averaged over the images of a patient, then over the patients of each gene, then over genes.
 Every level is NaN-aware (a gene that is undefined on one image, e.g. constant there, is
 averaged over the images where it is defined).

@@ -36,8 +36,9 @@ class RidgeBaseline(SpotModel):
         pretrained: ``True`` (hub weights), ``False`` or a local weights file.
         patch_size: Patch side in pixels.
         n_components: PCA components (at most spots - 1 and the feature width are used).
-        alpha_min, alpha_max, n_alphas: The ridge penalties tried: ``n_alphas`` values
-            log-spaced from ``alpha_min`` to ``alpha_max``.
+        alpha_min: Smallest ridge penalty tried.
+        alpha_max: Largest ridge penalty tried.
+        n_alphas: Number of penalties tried, log-spaced from ``alpha_min`` to ``alpha_max``.
         cv_folds: Folds of the alpha cross-validation.
         seed: Seed of the cross-validation folds.
         **kwargs: Further :class:`SpotModel` arguments.

@@ -15,7 +15,7 @@ decompression-bomb guard) and never held whole in memory:
    without being coarser than it, and resampled (bilinear, as patch cutting) to the patch
    size. Tiles covering at least ``min_tissue`` of mask are read; tiles that overlap the
    image edge are not used.
-4. **White filter** of the paper (SPEC section 6): a tile is dropped when the sum of its mean
+4. **White filter** of the paper (Methods, TCGA analysis): a tile is dropped when the sum of its mean
    R, G and B exceeds that of RGB (``white``, ``white``, ``white``) = (220, 220, 220).
 5. **Prediction** in batches of ``batch_size`` tiles (spot models) or on the tile graph of
    windows of at most ``graph_window x graph_window`` tiles (slide-level models: array

@@ -1,4 +1,5 @@
-"""``hest2sge.predict``: run a model on a slide and get an AnnData of predictions."""
+"""``hest2sge.predict`` (module ``hest2sge.prediction``, so that importing it never shadows the
+function on the package): run a model on a slide and get an AnnData of predictions."""
 
 from __future__ import annotations
 
