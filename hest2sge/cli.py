@@ -8,6 +8,7 @@ holds the dispatch table (one line per subcommand).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -208,6 +209,33 @@ def _model_from_checkpoint(argv: list[str]) -> list[str]:
     return [argv[0], *extra, *opts]
 
 
+def _check_configs(args: Sequence[str]) -> None:
+    """Read every ``--config`` file first, so a missing file or a YAML syntax error is
+    reported with the file's name, line and column (LightningCLI names neither)."""
+    import yaml
+
+    from hest2sge.errors import Hest2sgeInputError
+
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    for path in paths:
+        if path.lstrip().startswith(("{", "[")) or "\n" in path:
+            continue  # an inline YAML string, not a file
+        if not os.path.isfile(path):
+            raise Hest2sgeInputError("config file not found", path=path,
+                                     hint="give the path of a YAML file, e.g. "
+                                     "examples/configs/smoke.yaml")
+        try:
+            with open(path) as fh:
+                yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise Hest2sgeInputError(f"invalid YAML{where}: {problem}", path=path,
+                                     hint="fix the YAML syntax") from None
+
+
 def _config_has(path: str, key: str) -> bool:
     try:
         import yaml
@@ -233,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         close = difflib.get_close_matches(args[0], [*LIGHTNING_COMMANDS, *COMMANDS], n=2)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         print(f"hest2sge: unknown command {args[0]!r}.{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        _check_configs(args)
+    except ValueError as e:
+        if argv is not None:
+            raise
+        print(f"hest2sge: {e}", file=sys.stderr)
         return 2
     if argv is None:
         # The real command: LightningCLI reads sys.argv itself (passing args as well makes

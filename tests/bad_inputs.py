@@ -1014,7 +1014,7 @@ def c_spot_outside_image(tmp):
     return Probe(lambda: extract_patches(s, patch_size=16), str(s.obs_names[0]))
 
 
-@case(note="CLI config parsing belongs to issue8-config")
+@case()
 def c_cli_yaml_syntax_error(tmp):
     import contextlib
     import io

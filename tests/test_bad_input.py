@@ -21,8 +21,7 @@ WARNINGS = [c for c in CASES if c.kind == "warn"]
 
 
 #: Kinds still reported poorly, owned by other work (strict: passing them flags the xfail).
-KNOWN_POOR = {"cli_yaml_syntax_error": "YAML errors give line numbers but not the file name; "
-              "CLI parsing belongs to issue8-config"}
+KNOWN_POOR: dict[str, str] = {}
 
 
 def _mark(c):
