@@ -172,3 +172,27 @@ def test_cross_study_cell_tests_on_the_other_dataset(smoke_cfg, tmp_path):
     meta = json.loads((Path(cfg["output"]) / "cells" / cross[0].cell_id / "cell.json")
                       .read_text())
     assert meta["split"]["train"] and meta["test_dataset"] == "other"
+
+
+def test_region_folds_run_end_to_end_on_one_slide(tmp_path):
+    """A single-slide dataset (Visium kidney style): 4 non-overlapping regions as folds; every
+    spot is tested exactly once, by the fold whose test region holds it."""
+    cfg = load_config({
+        "name": "regions", "output": str(tmp_path / "regions"), "seed": 0,
+        "models": ["ridge"], "baselines": False, "tiny": True, "subsets": False,
+        "threads": 1,
+        "datasets": {"kidney": {
+            "slides": {"reader": "synthetic", "n_patients": 1, "slides_per_patient": 1,
+                       "grid": [12, 12], "n_genes": 10, "spot_pitch_px": 32},
+            "split": {"kind": "regions", "k": 4}, "genes": "all"}},
+        "launcher": {"kind": "local"},
+    })
+    result = run(cfg)
+    ridge = [c for c in result.cells if "__ridge__" in c["cell_id"]]
+    assert not result.failed and len(ridge) == 4
+    long = pd.concat(pd.read_parquet(p) for p in
+                     sorted((tmp_path / "regions" / "cells").glob("*__ridge__*/predictions.parquet")))
+    long = long[long["pred_type"] == "own"]
+    per_spot = long.groupby("patch_id")["train_fold"].nunique()
+    assert per_spot.max() == 1 and len(per_spot) == 144      # each spot tested once
+    assert long["img_id"].nunique() == 4                      # one region per fold
