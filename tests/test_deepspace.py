@@ -14,7 +14,7 @@ import hest2sge
 from hest2sge.data import SpotDataModule, TargetTransform, synthetic_slides
 from hest2sge.data.slide import slide_id_of
 from hest2sge.models.deepspace import pseudo_label, self_train
-from hest2sge.models.layers.augment import build_augmenter, parse_families
+from hest2sge.models.deepspace_augment import build_augmenter, parse_families
 
 TINY = {"backbone": "test_resnet", "pretrained": False, "patch_size": 32}
 

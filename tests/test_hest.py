@@ -124,7 +124,7 @@ def _hest1k_sample(root, sid, with_wsi=True):
             "subseries": None, "treatment_comment": None}
     (root / "metadata" / f"{sid}.json").write_text(json.dumps(meta))
     if with_wsi:
-        R._write_pyramidal_tiff(img, root / "wsis" / f"{sid}.tif", 0.5, "zlib")
+        R.hest._write_pyramidal_tiff(img, root / "wsis" / f"{sid}.tif", 0.5, "zlib")
     tl = np.floor(xy - 16 / 2 + 0.5).astype(np.int64)
     with h5py.File(root / "patches" / f"{sid}.h5", "w") as f:
         f["img"] = np.stack([img[y:y + 16, x:x + 16] for x, y in tl])

@@ -13,7 +13,7 @@ import hest2sge
 from hest2sge.data import SpotDataModule
 from hest2sge.data.graphs import knn_graph
 from hest2sge.models.hist2st import Hist2ST, augment_views
-from hest2sge.models.layers.zinb import ZINBHead, zinb_nll
+from hest2sge.models.hist2st_zinb import ZINBHead, zinb_nll
 
 TINY = dict(Hist2ST.tiny_config)
 

@@ -185,7 +185,7 @@ def _visium_copy(tmp_path, visium_root, positions="v2", hires=True):
     src = visium_root / "spatial" / "tissue_positions_list.csv"
     if positions == "v2":
         df = pd.read_csv(src, header=None)
-        df.columns = list(R._VISIUM_COLUMNS)
+        df.columns = list(R._common._VISIUM_COLUMNS)
         df.to_csv(out / "spatial" / "tissue_positions.csv", index=False)
     else:
         os.symlink(src, out / "spatial" / "tissue_positions_list.csv")

@@ -10,7 +10,8 @@ import torch
 
 import hest2sge
 from hest2sge.data import SpotDataModule
-from hest2sge.models.layers.censnet import (
+from hest2sge.models.tcgn import TCGN, random_rotate
+from hest2sge.models.tcgn_censnet import (
     CensNetConv,
     GraphEncodingBlock,
     edge_features,
@@ -18,8 +19,7 @@ from hest2sge.models.layers.censnet import (
     spatial_prior,
     topk_edges,
 )
-from hest2sge.models.layers.cmt import CMT, resize_relative_pos
-from hest2sge.models.tcgn import TCGN, random_rotate
+from hest2sge.models.tcgn_cmt import CMT, resize_relative_pos
 
 TINY = TCGN.tiny_config
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import hest2sge
 from hest2sge.data import SpotDataModule, knn_graph, synthetic_slides
 from hest2sge.models.base import prepare_batch
-from hest2sge.models.layers.capsules import EfficientCapsNet, SelfAttentionRouting, squash
-from hest2sge.models.layers.gat import MultiHeadGAT
-from hest2sge.models.layers.odconv import ODConv2d
 from hest2sge.models.layers.superres import aggregate_subspots, subspot_graph, subspot_grid
+from hest2sge.models.thitogene_capsules import EfficientCapsNet, SelfAttentionRouting, squash
+from hest2sge.models.thitogene_gat import MultiHeadGAT
+from hest2sge.models.thitogene_odconv import ODConv2d
 
 TINY = hest2sge.registry.get_model_class("thitogene").tiny_config
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hest2sge.models.base import SpotModel, prepare_batch
-from hest2sge.models.layers.augment import build_augmenter, parse_families
+from hest2sge.models.deepspace_augment import build_augmenter, parse_families
 from hest2sge.models.layers.backbones import create_backbone
 from hest2sge.registry import register_model
 

@@ -38,7 +38,7 @@ class EGNv2(SpotModel):
     through a shared LeakyReLU-Linear-LeakyReLU; ``num_layers`` layers each average a
     GraphSAGE update (torch_geometric ``HeteroConv`` of ``SAGEConv`` on the two homogeneous
     relations) with the graph exemplar bridging block
-    (:class:`~hest2sge.models.layers.exemplar_graph.GraphExemplarBridge`, a ``MessagePassing``
+    (:class:`~hest2sge.models.egnv2_graph.GraphExemplarBridge`, a ``MessagePassing``
     that updates spots and exemplars), then LeakyReLU(0.2). Output: ``Linear(GraphCSRA)``.
 
     Paper configuration (benchmark Methods, Table 1): input 224 px, GraphSAGE 512 hidden x 4
@@ -129,7 +129,7 @@ class EGNv2(SpotModel):
                          scheduler=scheduler, **kwargs)
         from torch_geometric.nn import HeteroConv, SAGEConv
 
-        from hest2sge.models.layers.exemplar_graph import GraphExemplarBridge
+        from hest2sge.models.egnv2_graph import GraphExemplarBridge
 
         g = self.n_genes
         self.retriever = ExemplarRetriever(extractor, pretrained, g, k=n_exemplars, p=retrieval_p,

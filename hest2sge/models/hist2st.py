@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hest2sge.models.base import SpotModel
+from hest2sge.models.hist2st_zinb import ZINBHead, zinb_nll
 from hest2sge.models.layers.position import XYEmbedding, check_datamodule_coordinates
 from hest2sge.models.layers.transformer import Transformer
-from hest2sge.models.layers.zinb import ZINBHead, zinb_nll
 from hest2sge.registry import register_model
 
 DISTILL_MODES = ("auto", "batched", "sequential")

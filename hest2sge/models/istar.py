@@ -428,7 +428,7 @@ def _median(outs: Tensor) -> Tensor:
 
 def _fullres_shape(slide) -> tuple[float, float]:
     """(height, width) of a slide's image in full-resolution pixels, without decoding it."""
-    from hest2sge.data.readers import _image_size
+    from hest2sge.data.readers._common import _image_size
     from hest2sge.data.slide import spatial_entry
 
     entry = spatial_entry(slide)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hest2sge.models.base import SpotModel
-from hest2sge.models.layers.censnet import CensNetConv, ChannelAttention, GraphEncodingBlock
-from hest2sge.models.layers.cmt import (
+from hest2sge.models.tcgn_censnet import CensNetConv, ChannelAttention, GraphEncodingBlock
+from hest2sge.models.tcgn_cmt import (
     CMT,
     CMT_HEADS,
     CMT_VARIANTS,
@@ -46,7 +46,7 @@ class TCGN(SpotModel):
     = 784 largest head-averaged entries (global top-k over the matrix, with torch.topk), gives
     every edge 6 features (2 head attentions, mean, spatial prior, L2 and cosine similarity),
     runs a 3-layer CensNet GCN (92/184 -> edge 6 -> 12 -> 48) and fuses nodes and edges
-    (see :mod:`hest2sge.models.layers.censnet`).
+    (see :mod:`hest2sge.models.tcgn_censnet`).
 
     Paper configuration (benchmark Methods + TCGN train.py): CMT-Ti initialised from ImageNet
     (``cmt_tiny.pth`` of ggjy/CMT.pytorch; ``pretrained=True`` downloads it, or pass a local

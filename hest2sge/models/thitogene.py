@@ -9,10 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hest2sge.models.base import SpotModel
-from hest2sge.models.layers.capsules import EfficientCapsNet
 from hest2sge.models.layers.chunking import encode_in_chunks, to_unit_float
-from hest2sge.models.layers.gat import MultiHeadGAT
-from hest2sge.models.layers.odconv import ODConv2d
 from hest2sge.models.layers.position import (
     DEFAULT_N_POS,
     XYEmbedding,
@@ -20,6 +17,9 @@ from hest2sge.models.layers.position import (
 )
 from hest2sge.models.layers.superres import SuperResolutionMixin
 from hest2sge.models.layers.transformer import Transformer
+from hest2sge.models.thitogene_capsules import EfficientCapsNet
+from hest2sge.models.thitogene_gat import MultiHeadGAT
+from hest2sge.models.thitogene_odconv import ODConv2d
 from hest2sge.registry import register_model
 
 

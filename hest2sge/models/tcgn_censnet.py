@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hest2sge.models.layers.cmt import CMTBlock, PatchEmbed
+from hest2sge.models.tcgn_cmt import CMTBlock, PatchEmbed
 
 
 # ---------------------------------------------------------------------- graph construction
