@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from hest2sge.models.base import SpotModel
+from hest2sge.models.layers.closed_form import CollectThenFit
 from hest2sge.registry import register_model
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _ginv(a: Tensor) -> Tensor:
 
 
 @register_model("genecoder")
-class GeneCodeR(SpotModel):
+class GeneCodeR(CollectThenFit, SpotModel):
     """GeneCodeR: generative encoding (gcode) of flattened patch pixels and gene counts.
 
     Banh, D. & Huang, A. GeneCodeR: encoding spatial transcriptomics with histology images.
@@ -211,8 +212,6 @@ class GeneCodeR(SpotModel):
         self.register_buffer("readout", torch.zeros(j_dim, self.n_genes))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
-        self._pixels: list[Tensor] = []
-        self._targets: list[Tensor] = []
         self.history: list[float] = []
 
     def count_parameters(self, trainable_only: bool = True) -> int:
@@ -237,26 +236,8 @@ class GeneCodeR(SpotModel):
         if bool(self.fitted):
             return None
         img = batch["img"]
-        self._pixels.append(img.flatten(1).mul(255.0).round_().to(torch.uint8).cpu())
-        self._targets.append(batch["expr"].detach().float().cpu())
+        self.collect(img.flatten(1).mul(255.0).round_().to(torch.uint8), batch["expr"])
         return None
-
-    def _fit_pending(self) -> None:
-        if self._pixels and not bool(self.fitted):
-            pixels = torch.cat(self._pixels).numpy()
-            self._pixels = []
-            targets = torch.cat(self._targets).numpy()
-            self._targets = []
-            self.fit_arrays(pixels, targets)
-
-    def on_validation_start(self) -> None:
-        self._fit_pending()
-
-    def on_train_epoch_end(self) -> None:
-        self._fit_pending()
-
-    def on_fit_end(self) -> None:
-        self._fit_pending()
 
     # ------------------------------------------------------------------ the gcode fit
     def fit_arrays(self, pixels: np.ndarray | Tensor, targets: np.ndarray | Tensor) -> GeneCodeR:

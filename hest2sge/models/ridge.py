@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 
 from hest2sge.models.base import SpotModel
+from hest2sge.models.layers.closed_form import CollectThenFit
 from hest2sge.models.layers.frozen import FrozenEncoder
 from hest2sge.registry import register_model
 
 
 @register_model("ridge")
-class RidgeBaseline(SpotModel):
+class RidgeBaseline(CollectThenFit, SpotModel):
     """Linear probe: frozen encoder features -> PCA (256) -> ridge, alpha by cross-validation.
 
     The HEST-Benchmark baseline (Jaume et al., NeurIPS 2024 Datasets & Benchmarks: PCA-256 of
@@ -80,8 +81,6 @@ class RidgeBaseline(SpotModel):
         self.register_buffer("alpha", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
-        self._x: list[Tensor] = []
-        self._y: list[Tensor] = []
         self.cv_mse: dict[float, float] = {}
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -96,25 +95,8 @@ class RidgeBaseline(SpotModel):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if bool(self.fitted):
             return None
-        f = self.encoder(self.normalize_img(batch["img"]))
-        self._x.append(f.cpu())
-        self._y.append(batch["expr"].detach().float().cpu())
+        self.collect(self.encoder(self.normalize_img(batch["img"])), batch["expr"])
         return None
-
-    def _fit_pending(self) -> None:
-        if self._x and not bool(self.fitted):
-            x, y = torch.cat(self._x), torch.cat(self._y)
-            self._x, self._y = [], []
-            self.fit_arrays(x, y)
-
-    def on_validation_start(self) -> None:
-        self._fit_pending()
-
-    def on_train_epoch_end(self) -> None:
-        self._fit_pending()
-
-    def on_fit_end(self) -> None:
-        self._fit_pending()
 
     # ------------------------------------------------------------------ the closed-form fit
     def fit_arrays(self, feats: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> RidgeBaseline:
