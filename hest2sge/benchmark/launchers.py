@@ -68,7 +68,12 @@ def _pool(cfg, specs, workers: int, threads: int | None) -> list[dict[str, Any]]
 
 
 def _submitit(cfg, specs, lc: dict[str, Any]) -> list[dict[str, Any]]:
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError("launcher kind 'submitit' needs submitit: pip install "
+                          "'hest2sge[slurm]' (or use launcher: {kind: local} / {kind: pool})"
+                          ) from None
 
     folder = Path(lc.get("folder") or Path(cfg["output"]) / "submitit")
     executor_kind = lc.get("executor", "slurm")
