@@ -84,6 +84,12 @@ class SpotModel(pl.LightningModule):
         normalize: Pixel normalisation: ``"imagenet"``, ``"none"`` (pixels in [0, 1]) or
             ``"half"`` (mean 0.5, std 0.5).
         target_transform: Override of the model's default target transform (dict spec).
+        optimizer_impl: How the optimiser steps: ``"fused"`` (default: one fused kernel per
+            step where torch has one for the device, else ``"foreach"``), ``"foreach"``
+            (multi-tensor) or ``"for-loop"`` (one tensor at a time). Same optimiser type and
+            settings, same updates to float tolerance; fused Adam over 222 M parameters steps
+            several times faster on a CPU. Use ``"foreach"`` with gradient clipping under
+            16-bit mixed precision (Lightning cannot clip for fused optimisers there).
     """
 
     model_name: ClassVar[str] = ""
@@ -121,6 +127,7 @@ class SpotModel(pl.LightningModule):
         scheduler_gamma: float = 0.9,
         normalize: str = "imagenet",
         target_transform: dict[str, Any] | None = None,
+        optimizer_impl: str = "fused",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -153,6 +160,9 @@ class SpotModel(pl.LightningModule):
         if optimizer not in ("adam", "adamw", "sgd"):
             raise Hest2sgeInputError(f"{owner}: optimizer must be 'adam', 'adamw' or 'sgd', "
                                      f"got {optimizer!r}")
+        if optimizer_impl not in ("fused", "foreach", "for-loop"):
+            raise Hest2sgeInputError(f"{owner}: optimizer_impl must be 'fused', 'foreach' or "
+                                     f"'for-loop', got {optimizer_impl!r}")
         if scheduler not in (None, "none", "cosine", "step"):
             raise Hest2sgeInputError(f"{owner}: scheduler must be None, 'cosine' or 'step', "
                                      f"got {scheduler!r}")
@@ -297,13 +307,8 @@ class SpotModel(pl.LightningModule):
         if not params:
             # Models fitted in closed form (GeneCodeR) still go through the Trainer.
             return None
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
-                                  weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = build_optimizer(params, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                              momentum=hp.momentum, impl=hp.get("optimizer_impl", "fused"))
         if hp.scheduler in (None, "none"):
             return opt
         if hp.scheduler == "step":
@@ -457,6 +462,35 @@ def _check_real(value: Any, name: str, owner: str, positive: bool = False,
         f" <= {upper:g}" if upper is not None else "")
     check_arg(ok, name, value, expected, owner)
     return float(value)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float,
+                    weight_decay: float = 0.0, momentum: float = 0.9,
+                    impl: str = "fused") -> torch.optim.Optimizer:
+    """The paper's optimiser type and settings, stepping fused where torch can.
+
+    Args:
+        params: Parameters to optimise.
+        kind: ``"adam"``, ``"adamw"`` or ``"sgd"`` (SGD with ``momentum``).
+        lr: Learning rate.
+        weight_decay: Weight decay.
+        momentum: SGD momentum.
+        impl: ``"fused"`` (falls back to ``"foreach"`` where torch has no fused kernel for the
+            parameters' device or dtype), ``"foreach"`` or ``"for-loop"``.
+
+    Returns:
+        The optimiser.
+    """
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[kind]
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if kind == "sgd":
+        kwargs["momentum"] = momentum
+    if impl == "fused":
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            impl = "foreach"  # no fused kernel for these parameters
+    return cls(params, foreach=impl == "foreach", **kwargs)
 
 
 def prepare_batch(batch: dict[str, Tensor], keep_uint8: bool = False) -> dict[str, Tensor]:
