@@ -50,7 +50,7 @@ def slide_batches(model: Any, slide, batch_size: int = 64, pixel_size_um: float 
 def _scverse_entry(slide) -> dict[str, Any]:
     """A copy of the slide's ``uns["spatial"]`` entry with scanpy/squidpy ``hires``/``lowres``
     images (added when the slide lacks them), so ``sc.pl.spatial`` works on predictions."""
-    from hest2sge.data.slide import add_scverse_images_to_entry
+    from hest2sge.data.scverse import add_scverse_images_to_entry
 
     entry = dict(slide.uns["spatial"][slide_id_of(slide)])
     entry["images"] = dict(entry.get("images", {}))

@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import hest2sge  # noqa: E402
-from hest2sge.data.slide import as_slide, slide_id_of, validate_slide  # noqa: E402
+from hest2sge.data.scverse import as_slide  # noqa: E402
+from hest2sge.data.slide import slide_id_of, validate_slide  # noqa: E402
 
 sc = pytest.importorskip("scanpy")
 sq = pytest.importorskip("squidpy")
@@ -146,7 +147,7 @@ def test_as_slide_from_scanpy_style_anndata(visium_root):
 def test_h5ad_round_trip_keeps_scverse_images_without_decoding(tmp_path, visium, monkeypatch):
     path = tmp_path / "v.h5ad"
     visium.write_h5ad(path)
-    import hest2sge.data.slide as S
+    import hest2sge.data.scverse as S
 
     def no_decode(*args, **kwargs):
         raise AssertionError("the image was decoded again")

@@ -29,13 +29,6 @@ def panel_hash(genes) -> str:
     return hashlib.sha256("\n".join(genes).encode()).hexdigest()
 
 
-def get_record(name: str) -> Any:
-    """The model's configuration record (:func:`hest2sge.models.configs.get_record`)."""
-    from hest2sge.models.configs import get_record as _get
-
-    return _get(name)
-
-
 def build_kwargs(rec: Any, cls: type, tiny: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     """Model keyword arguments of a cell: the record's paper configuration, the tiny
     configuration when asked (tests), the config's overrides, and the record's from-scratch
@@ -189,6 +182,8 @@ def run_cell(cfg: dict[str, Any], spec: CellSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     slides, folds, split_desc = load_dataset(cfg, spec.dataset)
     split = folds[spec.fold]
+    from hest2sge.models.configs import get_record
+
     rec = get_record(spec.model)
     cls = get_model_class(spec.model)
     model_kwargs = build_kwargs(rec, cls, bool(cfg["tiny"]), dict(spec.overrides))

@@ -69,10 +69,11 @@ def profile_model(name: str, slide, *, epochs: int = 2, genes: Any = "mean",
     import torch
 
     import hest2sge
-    from hest2sge.benchmark.cells import build_kwargs, get_record
+    from hest2sge.benchmark.cells import build_kwargs
     from hest2sge.data.datamodule import SpotDataModule
     from hest2sge.data.slide import slide_id_of
     from hest2sge.data.splits import Split
+    from hest2sge.models.configs import get_record
     from hest2sge.registry import get_model_class
 
     rec = get_record(name)

@@ -205,7 +205,7 @@ def dry_run(config: Any) -> BenchmarkResult:
     sizes = {n: _dataset_sizes(cfg, n) for n in cfg["datasets"]}
     specs = cell_specs(cfg, {n: len(v[0]) for n, v in sizes.items()})
     rows = []
-    from hest2sge.benchmark.cells import get_record
+    from hest2sge.models.configs import get_record
 
     for s in specs:
         folds, spots, desc = sizes[s.dataset]

@@ -257,7 +257,7 @@ class FlatImage(ArrayImage):
         from PIL import Image
 
         limit = max_image_pixels(max_pixels)
-        with _pil_unlimited():
+        with pil_limit_lifted():
             with Image.open(self.path) as im:
                 w, h = (int(v) for v in im.size)
                 dpi = im.info.get("dpi")
@@ -283,7 +283,7 @@ class FlatImage(ArrayImage):
         if self._array is None:
             from PIL import Image
 
-            with _pil_unlimited():  # the size was checked against our own limit on open
+            with pil_limit_lifted():  # the size was checked against our own limit on open
                 with Image.open(self.path) as im:
                     arr = np.asarray(im.convert("RGB"))
             if (arr.shape[1], arr.shape[0]) != self.dimensions:
@@ -295,8 +295,13 @@ class FlatImage(ArrayImage):
         self._array = None
 
 
-class _pil_unlimited:
-    """Switch PIL's own bomb check off while hest2sge applies its own limit."""
+class pil_limit_lifted:
+    """Lift PIL's own decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) for a block.
+
+    The one place hest2sge does this, and only where its own limit applies instead: reading a
+    header, decoding a flat image whose header passed :func:`max_image_pixels`, or a JPEG
+    decoded at a reduced scale that passed it.
+    """
 
     def __enter__(self) -> None:
         from PIL import Image

@@ -428,7 +428,7 @@ def _median(outs: Tensor) -> Tensor:
 
 def _fullres_shape(slide) -> tuple[float, float]:
     """(height, width) of a slide's image in full-resolution pixels, without decoding it."""
-    from hest2sge.data.readers._common import _image_size
+    from hest2sge.data.images import image_dimensions
     from hest2sge.data.slide import spatial_entry
 
     entry = spatial_entry(slide)
@@ -436,7 +436,7 @@ def _fullres_shape(slide) -> tuple[float, float]:
     if arr is not None:
         h, w = arr.shape[:2]
     else:
-        w, h = _image_size(Path(entry["image_path"]))
+        w, h = image_dimensions(entry["image_path"])
     scale = float(entry.get("image_scale", 1.0))
     return h / scale, w / scale
 

@@ -149,14 +149,16 @@ def _thumbnail_from_reader(reader, mpp, work_mpp, max_side, name) -> np.ndarray:
 
 
 def _flat_thumbnail(path: Path, mpp, work_mpp, max_side) -> np.ndarray:
+    import contextlib
+
     from PIL import Image
 
-    old = Image.MAX_IMAGE_PIXELS
+    from hest2sge.data.images import pil_limit_lifted
+
     # A JPEG is decoded at 1/2..1/8 size (draft mode), so a large file costs little memory;
     # other flat formats keep PIL's decompression-bomb guard.
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        Image.MAX_IMAGE_PIXELS = None
-    try:
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    with pil_limit_lifted() if jpeg else contextlib.nullcontext():
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as exc:
@@ -171,8 +173,6 @@ def _flat_thumbnail(path: Path, mpp, work_mpp, max_side) -> np.ndarray:
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, int(w / factor)), max(1, int(h / factor))))
             arr = np.asarray(im.convert("RGB"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
     target = (max(1, round(w / factor)), max(1, round(h / factor)))
     if arr.shape[1] > target[0]:
         arr = np.asarray(Image.fromarray(arr).resize(target, Image.Resampling.BOX))

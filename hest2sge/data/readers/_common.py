@@ -252,24 +252,3 @@ def grid_from_coords(spatial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     return _index(yr, step_y), _index(xr, step_x)
 
-
-# --------------------------------------------------------------------------------------------
-# legacy ST / HER2+
-# --------------------------------------------------------------------------------------------
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file without decoding it."""
-    if path.suffix.lower() in (".tif", ".tiff", ".btf"):
-        import tifffile
-
-        with tifffile.TiffFile(str(path)) as tif:
-            shape = tif.pages[0].shape
-        return int(shape[1]), int(shape[0])
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    finally:
-        Image.MAX_IMAGE_PIXELS = old

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hest2sge.data.scverse import add_scverse_images
 from hest2sge.data.slide import (
     REQUIRED_OBS,
     SlideError,
-    add_scverse_images,
     make_slide,
     spatial_entry,
     validate_slide,

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hest2sge.data.scverse import add_scverse_images, add_scverse_images_to_entry
 from hest2sge.data.slide import (
     SlideError,
     SlideImage,
-    add_scverse_images,
-    add_scverse_images_to_entry,
     slide_id_of,
     spatial_entry,
     validate_slide,
@@ -172,7 +171,7 @@ def read_hest(root: PathLike, ids: Sequence[str] | str | None = None) -> list[An
 def _hest_scverse_images(slide, images: dict[str, Any], scalefactors: dict[str, Any]) -> None:
     """scanpy ``hires``/``lowres`` images of a HEST sample: from the h5ad's own images
     (``hires``/``lowres``, or HEST-1k's ``downscaled_fullres``), else from the WSI's pyramid."""
-    from hest2sge.data.slide import HIRES_MAX_SIDE, _resize_to
+    from hest2sge.data.scverse import HIRES_MAX_SIDE, resize_to_max_side
 
     entry = spatial_entry(slide)
     src, sf = None, None
@@ -182,10 +181,10 @@ def _hest_scverse_images(slide, images: dict[str, Any], scalefactors: dict[str, 
         src, sf = images["downscaled_fullres"], scalefactors["tissue_downscaled_fullres_scalef"]
     sf = _float_or_nan(sf)
     if src is not None and np.asarray(src).ndim == 3 and sf > 0:
-        from hest2sge.data.slide import _as_rgb_uint8
+        from hest2sge.data.slide import as_rgb_uint8
 
-        src = _as_rgb_uint8(np.asarray(src), slide_id_of(slide))
-        hires = np.ascontiguousarray(_resize_to(src, HIRES_MAX_SIDE))
+        src = as_rgb_uint8(np.asarray(src), slide_id_of(slide))
+        hires = np.ascontiguousarray(resize_to_max_side(src, HIRES_MAX_SIDE))
         entry["images"]["hires"] = hires
         entry["scalefactors"]["tissue_hires_scalef"] = sf * hires.shape[1] / src.shape[1]
         entry["scalefactors"].pop("tissue_lowres_scalef", None)

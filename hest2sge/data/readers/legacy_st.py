@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hest2sge.data.images import image_dimensions
 from hest2sge.data.slide import (
     SlideError,
     make_slide,
@@ -27,7 +28,6 @@ from hest2sge.data.readers._common import (
     ST_SPOT_DIAMETER_UM,
     ST_SPOT_PITCH_UM,
     _check_header_unique,
-    _image_size,
     _natural_key,
     _numeric_table,
     _require,
@@ -146,7 +146,7 @@ def read_legacy_st(
         )
     if image_path is not None:
         with reading(image_path, "image"):
-            width, height = _image_size(image_path)
+            width, height = image_dimensions(image_path)
     else:
         width, height = None, None
     metadata = {

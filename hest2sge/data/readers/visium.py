@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hest2sge.data.scverse import add_scverse_images
 from hest2sge.data.slide import (
     POSITIVE_SCALEFACTORS,
     SlideError,
-    add_scverse_images,
     load_image_array,
     make_slide,
     spatial_entry,

@@ -139,21 +139,9 @@ def _image_shape_fullres(slide) -> tuple[float, float] | None:
         if not path or not os.path.exists(path):
             return None
         try:
-            if path.lower().endswith((".tif", ".tiff", ".btf")):
-                import tifffile
+            from hest2sge.data.images import image_dimensions
 
-                with tifffile.TiffFile(path) as tf:
-                    h, w = tf.pages[0].shape[:2]
-            else:
-                from PIL import Image
-
-                old = Image.MAX_IMAGE_PIXELS
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    with Image.open(path) as im:
-                        w, h = im.size
-                finally:
-                    Image.MAX_IMAGE_PIXELS = old
+            w, h = image_dimensions(path)
         except Exception:  # unreadable header: let patch cutting report the problem
             return None
     return h / scale, w / scale
