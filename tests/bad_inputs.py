@@ -759,6 +759,9 @@ def _checkpoint(tmp: Path, genes=("A", "B", "C")) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model = hest2sge.load("stnet", genes=list(genes), backbone="test_resnet", pretrained=False,
                           patch_size=32)
+    with torch.no_grad():  # a "trained" head: distinct rows per gene (ST-Net starts at zero)
+        model.head.weight.normal_()
+        model.head.bias.normal_()
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu",
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(model)
@@ -824,7 +827,9 @@ def c_checkpoint_gene_subset(tmp):
         # A subset of the panel keeps the trained head rows of those genes (issue 8's
         # fine-tuning path), and says so.
         assert sub.genes == ["A", "B"] and sub.finetune_report["new_genes"] == 0
+        assert full.head.weight.abs().sum() > 0
         torch.testing.assert_close(sub.head.weight, full.head.weight[:2])
+        torch.testing.assert_close(sub.head.bias, full.head.bias[:2])
 
     return Probe(lambda: hest2sge.load(checkpoint=path, genes=["A", "B"]),
                  "adapted to a new gene panel", check)
